@@ -1,0 +1,76 @@
+"""DTMF gateway: validates DTMF requests and submits them to NICE CXone.
+
+Plugin authors: ``from dtmf_service import hookimpl`` (see hookspecs.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+__all__ = ["create_app", "hookimpl", "__version__"]
+
+log = logging.getLogger("dtmf_service")
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
+    """The Flask application. ``test_config`` replaces the environment and file sources."""
+    from flask import Flask, g, request
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from . import config as cfg
+    from .api import bp
+    from .errors import register_error_handlers
+    from .gateway import Gateway
+
+    app = Flask(__name__)
+    if test_config is None:
+        cfg.load_sources(app.config)
+    else:
+        app.config.update(test_config)
+    cfg.finalise(app.config)
+    _configure_logging(app.config["LOG_LEVEL"])
+
+    gateway = Gateway(app.config)
+    app.extensions["dtmf"] = gateway
+    if app.config["PROXY_COUNT"]:
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=app.config["PROXY_COUNT"], x_proto=app.config["PROXY_COUNT"],
+            x_host=0, x_port=0, x_prefix=0,
+        )
+    register_error_handlers(app)
+    app.register_blueprint(bp)
+
+    @app.before_request
+    def _request_id() -> None:
+        supplied = request.headers.get("X-Request-ID", "")
+        ok = 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable()
+        g.request_id = supplied if ok else uuid.uuid4().hex
+
+    @app.after_request
+    def _echo_request_id(response: Any) -> Any:
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        return response
+
+    if gateway.mode == "sandbox":
+        log.warning(
+            "SANDBOX MODE: no CXone instance is configured (DTMF_CXONE_INSTANCE / DTMF_CXONE_BASE_URL); "
+            "digits go to the built-in simulator and no real call receives them"
+        )
+    atexit.register(gateway.close, 5.0)
+    return app
+
+
+def _configure_logging(level: str) -> None:
+    logger = logging.getLogger("dtmf_service")
+    logger.setLevel(level)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
+        logger.addHandler(handler)

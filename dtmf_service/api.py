@@ -1,0 +1,200 @@
+"""The blueprint: POST /api/dtmf/parse, GET /api/metrics, GET /healthz, GET /api/openapi.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, request
+from marshmallow import ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from .errors import error_response, json_response
+from .gateway import Gateway
+from .idempotency import valid_key
+from .schemas import DTMFRequestSchema, summarise
+
+log = logging.getLogger("dtmf_service")
+bp = Blueprint("dtmf", __name__)
+_schema = DTMFRequestSchema()
+_MAX_FIELD_NAME = 64
+
+
+class BadRequest(Exception):
+    """The body is not a UTF-8 JSON object: 400 invalid_request."""
+
+
+def gateway() -> Gateway:
+    return current_app.extensions["dtmf"]
+
+
+@bp.post("/api/dtmf/parse")
+def parse() -> Response:
+    gw = gateway()
+    started = time.perf_counter()
+    denied = gw.authenticate(request)
+    if denied is not None:
+        return denied  # 401: not counted, not audited (CONTRACT.md section 4)
+    attempt = Attempt()
+    try:
+        response, counted = _process(gw, attempt, started)
+    except Exception as exc:  # noqa: BLE001 - the caller gets 500 with no detail; the log gets the type
+        log.error("request %s failed unexpectedly: %s", g.get("request_id"), type(exc).__name__, exc_info=exc)
+        attempt.outcome = "internal_error"
+        response, counted = error_response(500, "internal_error"), True
+    if counted:
+        gw.record(attempt, client_ip=request.remote_addr, latency_ms=_elapsed_ms(started))
+    return response
+
+
+class Attempt:
+    """What one POST produced, for the audit event and the metrics."""
+
+    __slots__ = ("event_id", "sent", "valid", "invalid_fields", "outcome", "cxone_status", "cxone_response")
+
+    def __init__(self) -> None:
+        self.event_id = str(uuid.uuid4())  # also the CorrelationId sent upstream
+        self.sent: dict[str, Any] | None = None
+        self.valid: dict[str, Any] | None = None
+        self.invalid_fields: set[str] = set()
+        self.outcome: str | None = None
+        self.cxone_status: int | None = None
+        self.cxone_response: str | None = None
+
+
+def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, bool]:
+    """The response, and whether this request counts (replays and idempotency refusals do not)."""
+    attempt.outcome = "invalid_request"
+    try:
+        raw = _read_body(gw)
+    except RequestEntityTooLarge:
+        return error_response(413, "invalid_request", f"request body larger than {gw.max_body} bytes"), True
+    except UnsupportedMediaType:
+        return error_response(415, "invalid_request", "Content-Type must be application/json"), True
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not valid_key(key):
+        error = "Idempotency-Key must be 1 to 255 printable ASCII characters"
+        return error_response(400, "invalid_request", error), True
+    try:
+        attempt.sent = _parse_object(raw)
+    except BadRequest as exc:
+        return error_response(400, "invalid_request", str(exc)), True
+    try:
+        valid = _schema.load(attempt.sent)
+    except ValidationError as exc:
+        errors = _flatten(exc.messages)
+        attempt.invalid_fields = set(errors)
+        attempt.outcome = "validation_failed"
+        return error_response(400, "validation_failed", summarise(errors), errors=errors), True
+    attempt.valid = valid
+    if key is None:
+        return _submit(gw, attempt, valid, started), True
+    # Validation failures above are never stored; only requests that reach CXone claim the key.
+    scope = request.headers.get("Authorization", "")
+    return gw.idempotency.run(key, scope, raw, lambda: _submit(gw, attempt, valid, started))
+
+
+def _submit(gw: Gateway, attempt: Attempt, valid: dict[str, Any], started: float) -> Response:
+    result = gw.client.submit(valid["interaction_id"], valid["digits"], valid["timeout_ms"], attempt.event_id)
+    attempt.outcome = result.status
+    attempt.cxone_status = result.cxone_status
+    attempt.cxone_response = result.cxone_response
+    if result.http_status == 200:
+        return json_response(
+            {
+                "status": "dtmf_submitted",
+                "interaction_id": valid["interaction_id"],
+                "digits": valid["digits"],
+                "cxone_status": result.cxone_status,
+                "attempts": result.attempts,
+                "latency_ms": _elapsed_ms(started),
+            }
+        )
+    log.warning(
+        "request %s: %s (http %d, cxone_status %s, attempts %d): %s",
+        g.get("request_id"), result.status, result.http_status, result.cxone_status, result.attempts, result.error,
+    )
+    headers = {"Retry-After": str(result.retry_after_s)} if result.retry_after_s is not None else None
+    return error_response(
+        result.http_status, result.status, result.error, headers=headers, cxone_status=result.cxone_status
+    )
+
+
+class UnsupportedMediaType(Exception):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        # Two parsers could disagree on which value wins: refuse instead of guessing.
+        raise ValueError("duplicate key in JSON object")
+    return result
+
+
+def _read_body(gw: Gateway) -> bytes:
+    if request.content_length is not None and request.content_length > gw.max_body:
+        raise RequestEntityTooLarge()
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType()
+    return request.get_data(cache=False)
+
+
+def _parse_object(raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("body is not valid UTF-8") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        reason = "duplicate key in JSON object" if "duplicate key" in str(exc) else "body is not valid JSON"
+        raise BadRequest(reason) from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
+
+
+def _flatten(messages: Any) -> dict[str, list[str]]:
+    if not isinstance(messages, dict):
+        return {"_schema": [str(messages)]}
+    flat: dict[str, list[str]] = {}
+    for name, value in messages.items():
+        key = str(name)[:_MAX_FIELD_NAME]
+        flat[key] = [str(m) for m in value] if isinstance(value, list) else [str(value)]
+    return flat
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+@bp.get("/api/metrics")
+def metrics() -> Response:
+    gw = gateway()
+    if not gw.config["METRICS_PUBLIC"]:
+        denied = gw.authenticate(request)
+        if denied is not None:
+            return denied
+    snapshot = gw.metrics_snapshot()
+    if snapshot is None:
+        return error_response(404, "invalid_request", "the 'memory' metrics exporter is not enabled")
+    return json_response(snapshot)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    gw = gateway()
+    return json_response({"status": "ok", "mode": gw.mode, "api": gw.config["CXONE_API"]})
+
+
+@bp.get("/api/openapi.json")
+def openapi() -> Response:
+    return json_response(gateway().openapi_document())

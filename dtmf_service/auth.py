@@ -1,0 +1,90 @@
+"""The OAuth access token cache: one token per process, one fetch at a time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class TokenError(Exception):
+    """No token could be had. The message is safe to show: it never holds a secret."""
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    expires_at: float  # on the cache's monotonic clock
+
+
+class _Flight:
+    """One fetch in progress; every thread waiting on it shares its outcome."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.token: Token | None = None
+        self.error: TokenError | None = None
+
+
+class TokenCache:
+    """Caches the bearer token and refreshes it ``margin_s`` before it expires.
+
+    ``fetch`` returns ``(access_token, expires_in_seconds)`` or raises TokenError.
+    Concurrent callers that find no valid token join a single in-flight fetch
+    and share its result or its failure, so a failing token endpoint sees one
+    request per burst, not one per thread.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], tuple[str, float]],
+        margin_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fetch = fetch
+        self._margin_s = margin_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._token: Token | None = None
+        self._flight: _Flight | None = None
+
+    def get(self) -> str:
+        """Return a valid access token, fetching one if needed."""
+        with self._lock:
+            token = self._token
+            if token is not None and self._clock() < token.expires_at - self._margin_s:
+                return token.value
+            flight = self._flight
+            leader = flight is None
+            if leader:
+                flight = self._flight = _Flight()
+        assert flight is not None
+        if leader:
+            self._lead(flight)
+        else:
+            flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.token is not None
+        return flight.token.value
+
+    def invalidate(self, stale: str) -> None:
+        """Drop ``stale`` after CXone rejected it; a newer token is kept."""
+        with self._lock:
+            if self._token is not None and self._token.value == stale:
+                self._token = None
+
+    def _lead(self, flight: _Flight) -> None:
+        try:
+            value, expires_in = self._fetch()
+            flight.token = Token(value, self._clock() + float(expires_in))
+        except TokenError as exc:
+            flight.error = exc
+        except Exception as exc:  # noqa: BLE001 - never let one thread's surprise strand the waiters
+            flight.error = TokenError(f"token request failed ({type(exc).__name__})")
+        with self._lock:
+            if flight.token is not None:
+                self._token = flight.token
+            self._flight = None
+        flight.done.set()

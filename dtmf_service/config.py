@@ -1,0 +1,266 @@
+"""Configuration: defaults, the DTMF_* environment, an optional file, and checks.
+
+Every key has a type; a bad value stops start-up with one line naming the key
+(and never echoing a secret's value).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "DTMF"
+
+
+class ConfigError(ValueError):
+    """A configuration value that the service cannot start with."""
+
+
+@dataclass(frozen=True)
+class Key:
+    default: Any
+    kind: str  # str | secret | int | float | bool | list | secret_list | choice
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+def _k(default: Any, kind: str, **kw: Any) -> Key:
+    return Key(default, kind, **kw)
+
+
+KEYS: dict[str, Key] = {
+    # Upstream (CONTRACT.md sections 3 and 6)
+    "CXONE_API": _k("tutorial", "choice", choices=("tutorial", "agent")),
+    "CXONE_INSTANCE": _k(None, "str"),
+    "CXONE_BASE_URL": _k(None, "str"),
+    "CXONE_TOKEN_URL": _k(None, "str"),
+    "CXONE_CLIENT_ID": _k(None, "secret"),
+    "CXONE_CLIENT_SECRET": _k(None, "secret"),
+    "CXONE_SCOPE": _k("interaction:write", "str"),
+    "CXONE_MAX_ATTEMPTS": _k(3, "int", minimum=1, maximum=20),
+    "CXONE_RETRY_BUDGET_S": _k(10.0, "float", minimum=0.001, maximum=600),
+    "CXONE_BACKOFF_BASE_S": _k(1.0, "float", minimum=0, maximum=600),
+    "CXONE_BACKOFF_MAX_S": _k(8.0, "float", minimum=0, maximum=600),
+    "CXONE_CONNECT_TIMEOUT_S": _k(3.0, "float", minimum=0.001, maximum=600),
+    "CXONE_READ_TIMEOUT_S": _k(15.0, "float", minimum=0.001, maximum=600),
+    "CXONE_TOKEN_REFRESH_MARGIN_S": _k(None, "float", minimum=0, maximum=86400),
+    # Agent API dialect (../shared/CXONE-AGENT-API.md)
+    "CXONE_AUTH_BASE": _k("https://cxone.niceincontact.com", "str"),
+    "CXONE_API_ENDPOINT": _k(None, "str"),
+    "CXONE_TENANT_ID": _k(None, "str"),
+    "CXONE_ACCESS_KEY_ID": _k(None, "secret"),
+    "CXONE_ACCESS_KEY_SECRET": _k(None, "secret"),
+    "CXONE_AGENT_API_VERSION": _k("23.0", "str"),
+    "CXONE_TONE_DURATION_MS": _k(340, "int", minimum=1, maximum=10000),
+    "CXONE_TONE_SPACING_MS": _k(0, "int", minimum=0, maximum=10000),
+    # HTTP edge
+    "MAX_CONTENT_LENGTH": _k(64 * 1024, "int", minimum=1024, maximum=1024 * 1024),
+    "API_KEYS": _k([], "secret_list"),
+    "METRICS_PUBLIC": _k(False, "bool"),
+    "ALLOW_UNAUTHENTICATED": _k(False, "bool"),
+    "PROXY_COUNT": _k(0, "int", minimum=0, maximum=10),
+    "IDEMPOTENCY_STORE": _k(None, "str"),
+    "IDEMPOTENCY_TTL_S": _k(86400, "int", minimum=1, maximum=30 * 86400),
+    # Plugins
+    "METRICS_EXPORTERS": _k(["memory"], "list"),
+    "AUDIT_SINKS": _k([], "list"),
+    "PLUGINS": _k([], "list"),
+    "METRICS_DIR": _k(None, "str"),
+    # Audit
+    "AUDIT_DIGITS": _k("full", "choice", choices=("full", "masked", "hashed")),
+    "AUDIT_HASH_KEY": _k(None, "secret"),
+    "AUDIT_SENSITIVE_KEYS": _k([], "list"),
+    "AUDIT_SPOOL_DIR": _k(None, "str"),
+    "AUDIT_SPOOL_MAX_MB": _k(512.0, "float", minimum=0.001, maximum=1024 * 1024),
+    "AUDIT_QUEUE_SIZE": _k(10000, "int", minimum=1, maximum=10_000_000),
+    "AUDIT_BATCH_SIZE": _k(100, "int", minimum=1, maximum=10000),
+    "AUDIT_RETRY_ATTEMPTS": _k(3, "int", minimum=1, maximum=100),
+    "AUDIT_BACKOFF_BASE_S": _k(0.5, "float", minimum=0, maximum=600),
+    "AUDIT_BACKOFF_MAX_S": _k(30.0, "float", minimum=0, maximum=3600),
+    "AUDIT_WEBHOOK_URL": _k(None, "str"),
+    "AUDIT_WEBHOOK_SECRET": _k(None, "secret"),
+    "AUDIT_WEBHOOK_TIMEOUT_S": _k(5.0, "float", minimum=0.001, maximum=600),
+    "AUDIT_FILE_PATH": _k(None, "str"),
+    "AUDIT_FILE_FSYNC": _k("batch", "choice", choices=("always", "batch", "never")),
+    "AUDIT_SYSLOG_ADDRESS": _k("/dev/log", "str"),
+    "AUDIT_SYSLOG_FACILITY": _k("local0", "str"),
+    "STATSD_HOST": _k("127.0.0.1", "str"),
+    "STATSD_PORT": _k(8125, "int", minimum=1, maximum=65535),
+    "STATSD_PREFIX": _k("dtmf", "str"),
+    "LOG_LEVEL": _k("INFO", "choice", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+}
+
+_STRING_KINDS = {"str", "secret", "choice", "list", "secret_list"}
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "1", "yes", "on"}:
+        return True
+    if text in {"false", "0", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+
+def _as_number(name: str, key: Key, value: Any, cast: Callable[[Any], Any]) -> Any:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    try:
+        number = cast(value)
+        if cast is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {'an integer' if cast is int else 'a number'}, got {value!r}") from None
+    if number != number or (key.minimum is not None and number < key.minimum) or (
+        key.maximum is not None and number > key.maximum
+    ):
+        raise ConfigError(f"{name}: must be between {key.minimum:g} and {key.maximum:g}, got {value!r}")
+    return number
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def normalise(name: str, key: Key, value: Any) -> Any:
+    """Return ``value`` converted to the key's type, or raise ConfigError."""
+    if value is None or (value == "" and key.kind not in {"list", "secret_list"}):
+        return key.default if value is None else None
+    kind = key.kind
+    if kind == "bool":
+        return _as_bool(name, value)
+    if kind == "int":
+        return _as_number(name, key, value, int)
+    if kind == "float":
+        return _as_number(name, key, value, float)
+    if kind in {"list", "secret_list"}:
+        return _as_list(value)
+    if kind == "choice":
+        text = str(value).strip()
+        lowered = {c.lower(): c for c in key.choices}
+        if text.lower() not in lowered:
+            raise ConfigError(f"{name}: must be one of {', '.join(key.choices)}, got {text!r}")
+        return lowered[text.lower()]
+    if not isinstance(value, str):
+        if kind == "secret":
+            raise ConfigError(f"{name}: must be a string")
+        value = str(value)
+    return value
+
+
+def load_sources(config: dict[str, Any], environ: Mapping[str, str] | None = None) -> None:
+    """Fill ``config`` from DTMF_CONFIG_FILE, then the DTMF_* environment."""
+    environ = os.environ if environ is None else environ
+    path = environ.get(f"{ENV_PREFIX}_CONFIG_FILE")
+    if path:
+        config.update(_read_file(path))
+    for env_name, raw in environ.items():
+        if not env_name.startswith(f"{ENV_PREFIX}_") or env_name == f"{ENV_PREFIX}_CONFIG_FILE":
+            continue
+        name = env_name[len(ENV_PREFIX) + 1 :]
+        key = KEYS.get(name)
+        if key is not None and key.kind in _STRING_KINDS:
+            # Secrets and strings stay exactly as typed: "00123" or "1e5" are not numbers.
+            config[name] = raw
+            continue
+        try:
+            config[name] = json.loads(raw)
+        except ValueError:
+            config[name] = raw
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"DTMF_CONFIG_FILE: cannot read {path}: {exc.strerror}") from None
+    try:
+        if path.endswith(".json"):
+            loaded = json.loads(data)
+        elif path.endswith(".toml"):
+            import tomllib
+
+            loaded = tomllib.loads(data.decode("utf-8"))
+        else:
+            namespace: dict[str, Any] = {}
+            exec(compile(data, path, "exec"), namespace)  # noqa: S102 - operator-owned file, like Flask's from_pyfile
+            loaded = {k: v for k, v in namespace.items() if k.isupper()}
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
+        raise ConfigError(f"DTMF_CONFIG_FILE: cannot parse {path}: {type(exc).__name__}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"DTMF_CONFIG_FILE: {path} must hold a mapping of keys")
+    return loaded
+
+
+def finalise(config: dict[str, Any]) -> None:
+    """Apply defaults, convert types, derive URLs and check combinations, in place."""
+    for name, key in KEYS.items():
+        config[name] = normalise(name, key, config.get(name))
+    config["SANDBOX"] = is_sandbox(config)
+    _derive_urls(config)
+    _check_combinations(config)
+
+
+def is_sandbox(config: Mapping[str, Any]) -> bool:
+    """Sandbox mode: tutorial dialect with no CXone instance or base URL configured."""
+    if "SANDBOX" in config:
+        return bool(config["SANDBOX"])
+    return (
+        config.get("CXONE_API", "tutorial") == "tutorial"
+        and not config.get("CXONE_INSTANCE")
+        and not config.get("CXONE_BASE_URL")
+    )
+
+
+def _derive_urls(config: dict[str, Any]) -> None:
+    if config["CXONE_API"] != "tutorial":
+        return
+    instance = config["CXONE_INSTANCE"]
+    if instance and ("/" in instance or " " in instance):
+        raise ConfigError(f"CXONE_INSTANCE: expected a host name such as acme.my.cxone.com, got {instance!r}")
+    if is_sandbox(config):
+        config["CXONE_BASE_URL"] = "http://cxone-sandbox.invalid/api/v2"
+    elif not config["CXONE_BASE_URL"]:
+        config["CXONE_BASE_URL"] = f"https://{instance}/api/v2"
+    config["CXONE_BASE_URL"] = config["CXONE_BASE_URL"].rstrip("/")
+    if not config["CXONE_TOKEN_URL"]:
+        config["CXONE_TOKEN_URL"] = f"{config['CXONE_BASE_URL']}/oauth/token"
+    for name in ("CXONE_BASE_URL", "CXONE_TOKEN_URL"):
+        if not config[name].startswith(("http://", "https://")):
+            raise ConfigError(f"{name}: must be an http:// or https:// URL")
+
+
+def _check_combinations(config: dict[str, Any]) -> None:
+    sandbox = is_sandbox(config)
+    if config["CXONE_API"] == "tutorial" and not sandbox:
+        missing = [k for k in ("CXONE_CLIENT_ID", "CXONE_CLIENT_SECRET") if not config[k]]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: required when CXONE_INSTANCE or CXONE_BASE_URL is set")
+    if config["CXONE_API"] == "agent":
+        from .dialects.agent import check_config
+
+        check_config(config)
+    if config["CXONE_TOKEN_REFRESH_MARGIN_S"] is None:
+        config["CXONE_TOKEN_REFRESH_MARGIN_S"] = 600.0 if config["CXONE_API"] == "agent" else 30.0
+    if not sandbox and not config["API_KEYS"] and not config["ALLOW_UNAUTHENTICATED"]:
+        raise ConfigError(
+            "API_KEYS: required outside sandbox mode (anyone reaching the port could press keys in any call);"
+            " set DTMF_ALLOW_UNAUTHENTICATED=true to run without caller authentication"
+        )
+    if config["AUDIT_DIGITS"] == "hashed" and not config["AUDIT_HASH_KEY"]:
+        raise ConfigError("AUDIT_HASH_KEY: required when AUDIT_DIGITS=hashed")
+    if config["CXONE_BACKOFF_MAX_S"] < config["CXONE_BACKOFF_BASE_S"]:
+        raise ConfigError("CXONE_BACKOFF_MAX_S: must be at least CXONE_BACKOFF_BASE_S")
+    if not config["AUDIT_SPOOL_DIR"]:
+        # Durable by default: a spool under /tmp may be wiped at boot, taking undelivered events with it.
+        config["AUDIT_SPOOL_DIR"] = os.path.abspath(os.path.join("var", "audit-spool"))

@@ -1,0 +1,169 @@
+"""The synchronous CXone client: one DTMF submission with careful retries.
+
+DTMF is not idempotent (pressing "1" twice moves a caller two menus), so a
+request is sent again only when CXone cannot have acted on it: 429, 503, or a
+connection that never opened. A read timeout or a connection lost after the
+request went out is reported as unknown and never re-sent.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+import urllib3.exceptions
+
+from .auth import TokenCache, TokenError
+from .dialects import Dialect
+from .retry import backoff_delay, is_retryable_status, parse_retry_after
+
+RESPONSE_EXCERPT_CHARS = 1024
+
+
+@dataclass
+class SubmitResult:
+    """The outcome of one submission, ready to become an HTTP answer."""
+
+    http_status: int  # what the gateway answers: 200, 404, 502, 503, 504
+    status: str  # dtmf_submitted | submission_failed | submission_unknown
+    cxone_status: int | None
+    cxone_response: str | None
+    attempts: int
+    error: str | None = None
+    retry_after_s: int | None = None
+
+
+class _NotSent(Exception):
+    """The connection never opened: CXone cannot have seen the request."""
+
+
+class _Unknown(Exception):
+    """The request may have reached CXone, but no answer came back."""
+
+
+def classify_transport_error(exc: requests.RequestException) -> type[Exception]:
+    """_NotSent when nothing reached CXone, else _Unknown (the safe default)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return _NotSent
+    if isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.ReadTimeout):
+        reason: BaseException | None = exc.args[0] if exc.args else None
+        seen = 0
+        while reason is not None and seen < 8:
+            if isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)):
+                return _NotSent
+            if isinstance(reason, urllib3.exceptions.SSLError):
+                return _NotSent  # the handshake failed before any byte of the request left
+            reason = getattr(reason, "reason", None) or reason.__cause__ or reason.__context__
+            seen += 1
+    return _Unknown
+
+
+class CXoneClient:
+    """Submits digits to CXone through a dialect, with token reuse and backoff."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        dialect: Dialect,
+        session: requests.Session,
+        tokens: TokenCache,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._dialect = dialect
+        self._session = session
+        self._tokens = tokens
+        self._sleep = sleep
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rand = rand
+        self._max_attempts = int(config["CXONE_MAX_ATTEMPTS"])
+        self._base_s = float(config["CXONE_BACKOFF_BASE_S"])
+        self._max_s = float(config["CXONE_BACKOFF_MAX_S"])
+        self._timeout = (float(config["CXONE_CONNECT_TIMEOUT_S"]), float(config["CXONE_READ_TIMEOUT_S"]))
+
+    def submit(self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str) -> SubmitResult:
+        """Send the digits; never raises for upstream trouble."""
+        deadline = self._clock() + self._dialect.retry_budget_s(timeout_ms)
+        attempts = 0
+        refreshed = False
+        retries = 0
+        last: tuple[int | None, str | None, str | None] = (None, None, None)  # status, body, Retry-After
+        while attempts < self._max_attempts:
+            try:
+                token = self._tokens.get()
+                url, body, extra = self._dialect.dtmf_request(interaction_id, digits, timeout_ms, correlation_id)
+            except TokenError as exc:
+                return self._failed(502, None, last[1], attempts, str(exc))
+            attempts += 1
+            try:
+                response = self._post(url, body, token, extra)
+            except _NotSent:
+                last = (None, None, None)
+                wait = backoff_delay(retries, self._base_s, self._max_s, self._rand)
+            except _Unknown:
+                return SubmitResult(
+                    504,
+                    "submission_unknown",
+                    None,
+                    None,
+                    attempts,
+                    "CXone did not answer after the request was sent; the digits may or may not have been "
+                    "played, so they were not sent again",
+                )
+            else:
+                status, text = response.status_code, response.text[:RESPONSE_EXCERPT_CHARS]
+                last = (status, text, response.headers.get("Retry-After"))
+                if 200 <= status < 300:
+                    return SubmitResult(200, "dtmf_submitted", status, text, attempts)
+                if status == 401 and not refreshed:
+                    # The token was revoked or expired early: fetch a new one once and try again now.
+                    refreshed = True
+                    self._tokens.invalidate(token)
+                    continue
+                if status == 404:
+                    return self._failed(404, 404, text, attempts, "CXone: interaction not found or no longer active")
+                if not is_retryable_status(status):
+                    return self._failed(502, status, text, attempts, f"CXone answered {status}")
+                after = parse_retry_after(last[2], self._wall_clock(), self._max_s)
+                wait = after if after is not None else backoff_delay(retries, self._base_s, self._max_s, self._rand)
+            if attempts >= self._max_attempts or self._clock() + wait > deadline:
+                break  # never wait after the last attempt, never wait past the budget
+            self._sleep(wait)
+            retries += 1
+        return self._give_up(last, attempts)
+
+    def _post(self, url: str, body: bytes, token: str, extra: dict[str, str]) -> requests.Response:
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            **extra,
+        }
+        try:
+            return self._session.post(url, data=body, headers=headers, timeout=self._timeout)
+        except requests.RequestException as exc:
+            raise classify_transport_error(exc)() from None
+
+    def _give_up(self, last: tuple[int | None, str | None, str | None], attempts: int) -> SubmitResult:
+        status, text, retry_after = last
+        if status == 429:
+            after = parse_retry_after(retry_after, self._wall_clock(), self._max_s)
+            seconds = max(1, math.ceil(after if after is not None else self._base_s))
+            result = self._failed(503, 429, text, attempts, "CXone is still rate limiting; retry later")
+            result.retry_after_s = seconds
+            return result
+        if status is None:
+            return self._failed(502, None, None, attempts, "could not connect to CXone")
+        return self._failed(502, status, text, attempts, f"CXone answered {status}")
+
+    @staticmethod
+    def _failed(http: int, cxone: int | None, text: str | None, attempts: int, error: str) -> SubmitResult:
+        return SubmitResult(http, "submission_failed", cxone, text, attempts, error)

@@ -1,0 +1,40 @@
+"""Upstream dialects: the wire format of one CXone API each.
+
+A dialect knows how to get a token and how to shape the DTMF request; the
+retry loop, budget, audit and metrics are shared (dtmf_service.cxone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import requests
+
+
+class Dialect(Protocol):
+    """What the CXone client needs from an upstream dialect."""
+
+    name: str
+
+    def fetch_token(self) -> tuple[str, float]:
+        """Fetch a new access token: ``(token, expires_in_seconds)``; raise TokenError."""
+
+    def dtmf_request(
+        self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str
+    ) -> tuple[str, bytes, dict[str, str]]:
+        """The DTMF POST for one submission: ``(url, body, extra headers)``; raise TokenError."""
+
+    def retry_budget_s(self, timeout_ms: int) -> float:
+        """How long all attempts of one submission may take, waits included."""
+
+
+def make_dialect(config: Mapping[str, Any], session: requests.Session) -> Dialect:
+    """The dialect named by ``CXONE_API``."""
+    if config["CXONE_API"] == "agent":
+        from .agent import AgentDialect
+
+        return AgentDialect(config, session)
+    from .tutorial import TutorialDialect
+
+    return TutorialDialect(config, session)

@@ -1,0 +1,55 @@
+"""The tutorial's wire format (CONTRACT.md section 3): client-credentials token, /interactions/{id}/dtmf."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from ..auth import TokenError
+from .common import read_token_response
+
+
+class TutorialDialect:
+    """``POST <base>/interactions/<id>/dtmf`` with ``{"digits", "timeout"}``."""
+
+    name = "tutorial"
+
+    def __init__(self, config: Mapping[str, Any], session: requests.Session) -> None:
+        self._session = session
+        self._base_url = config["CXONE_BASE_URL"]
+        self._token_url = config["CXONE_TOKEN_URL"]
+        self._form = {
+            "grant_type": "client_credentials",
+            "client_id": config["CXONE_CLIENT_ID"] or "",
+            "client_secret": config["CXONE_CLIENT_SECRET"] or "",
+            "scope": config["CXONE_SCOPE"] or "",
+        }
+        self._timeout = (config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
+        self._budget_s = config["CXONE_RETRY_BUDGET_S"]
+
+    def fetch_token(self) -> tuple[str, float]:
+        try:
+            # requests URL-encodes every value of a dict body: '&', '=', '+' in a secret arrive intact.
+            response = self._session.post(
+                self._token_url,
+                data=self._form,
+                headers={"Accept": "application/json"},
+                timeout=self._timeout,
+            )
+        except requests.RequestException as exc:
+            raise TokenError(f"could not reach the CXone token endpoint ({type(exc).__name__})") from None
+        return read_token_response(response)
+
+    def dtmf_request(
+        self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str
+    ) -> tuple[str, bytes, dict[str, str]]:
+        url = f"{self._base_url}/interactions/{quote(interaction_id, safe='')}/dtmf"
+        body = json.dumps({"digits": digits, "timeout": timeout_ms}, separators=(",", ":")).encode()
+        return url, body, {}
+
+    def retry_budget_s(self, timeout_ms: int) -> float:
+        return self._budget_s

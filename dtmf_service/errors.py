@@ -1,0 +1,58 @@
+"""JSON responses for every error, Flask's own included: never HTML, never a stack trace."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("dtmf_service")
+
+_MESSAGES = {
+    404: "no such endpoint",
+    405: "method not allowed for this endpoint",
+    413: "request body larger than the limit",
+    415: "Content-Type must be application/json",
+}
+
+
+def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response with an exact body."""
+    response = Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def error_response(
+    status: int, kind: str, error: str | None = None, headers: dict[str, str] | None = None, **extra: Any
+) -> Response:
+    """The one shape of every error body: ``{"status": kind, "error": ..., ...}``."""
+    body: dict[str, Any] = {"status": kind}
+    if error is not None:
+        body["error"] = error
+    body.update(extra)
+    return json_response(body, status, headers)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Turn every HTTP error and every unexpected exception into JSON."""
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        if code >= 500:
+            return error_response(500, "internal_error")
+        response = error_response(code, "invalid_request", _MESSAGES.get(code, exc.name.lower()))
+        if code == 405 and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        # The type and traceback go to the log; the caller learns nothing of the internals.
+        log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
+        return error_response(500, "internal_error")

@@ -1,0 +1,118 @@
+"""The audit event: built once per counted request, digits redacted before any plugin sees it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+SENT_TEXT_CHARS = 256
+
+# The response status of each counted outcome, and the metric it counts in (CONTRACT.md section 4).
+CATEGORY = {
+    "dtmf_submitted": "successful_parses",
+    "invalid_request": "validation_failures",
+    "validation_failed": "validation_failures",
+    "submission_failed": "submission_failures",
+    "submission_unknown": "submission_failures",
+    "internal_error": "submission_failures",
+}
+
+
+def outcome_category(outcome: str) -> str | None:
+    """The section 4 counter an event's ``outcome`` belongs to (None: not counted)."""
+    return CATEGORY.get(outcome)
+
+
+class Redactor:
+    """Applies AUDIT_DIGITS and AUDIT_SENSITIVE_KEYS to the digits of an event."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.mode = config.get("AUDIT_DIGITS", "full")
+        key = config.get("AUDIT_HASH_KEY") or ""
+        self._hash_key = key.encode() if isinstance(key, str) else bytes(key)
+        self._sensitive = tuple(config.get("AUDIT_SENSITIVE_KEYS") or ())
+
+    def redact(self, digits: str, sequence_key: Any) -> str:
+        if self._is_sensitive(sequence_key) or self.mode == "masked":
+            return "*" * len(digits)
+        if self.mode == "hashed":
+            return "hmac-sha256:" + hmac.new(self._hash_key, digits.encode(), hashlib.sha256).hexdigest()
+        return digits
+
+    def _is_sensitive(self, sequence_key: Any) -> bool:
+        if not self._sensitive:
+            return False
+        text = sequence_key if isinstance(sequence_key, str) else ""
+        return any(fnmatch.fnmatchcase(text, pattern) for pattern in self._sensitive)
+
+
+def _as_sent(value: Any) -> Any:
+    """A value that failed validation, recorded as text cut to 256 characters."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text[:SENT_TEXT_CHARS]
+
+
+def build_event(
+    *,
+    client_ip: str | None,
+    sent: Mapping[str, Any] | None,
+    valid: Mapping[str, Any] | None,
+    invalid_fields: set[str],
+    latency_ms: float,
+    cxone_status: int | None,
+    cxone_response: str | None,
+    outcome: str,
+    redactor: Redactor,
+    request_id: str | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """The audit event of CONTRACT.md section 7.
+
+    ``sent`` is the caller's JSON object (None when the body was not one),
+    ``valid`` the validated request (None when validation failed).
+    """
+    source: Mapping[str, Any] = valid if valid is not None else (sent or {})
+
+    def field(name: str) -> Any:
+        value = source.get(name)
+        if valid is None and (name in invalid_fields or not _native_ok(value)):
+            return _as_sent(value)
+        return value
+
+    sequence_key = field("sequence_matrix_key")
+    raw_digits = source.get("digits")
+    digits: Any = None
+    if raw_digits is not None:
+        text = raw_digits if isinstance(raw_digits, str) else json.dumps(raw_digits, default=str)
+        digits = redactor.redact(text[:SENT_TEXT_CHARS], source.get("sequence_matrix_key"))
+    event = {
+        "event_id": event_id or str(uuid.uuid4()),
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "client_ip": client_ip,
+        "interaction_id": field("interaction_id"),
+        "digits": digits,
+        "timeout_ms": field("timeout_ms"),
+        "sequence_matrix": sequence_key,
+        "node_transition": field("node_transition_flag"),
+        "latency_ms": latency_ms,
+        "cxone_status": cxone_status,
+        "cxone_response": cxone_response,
+        "validation_passed": valid is not None,
+        "outcome": outcome,
+    }
+    if request_id is not None:
+        event["request_id"] = request_id
+    return event
+
+
+def _native_ok(value: Any) -> bool:
+    """Values of a type the field may hold are kept as they are; anything else becomes text."""
+    return value is None or isinstance(value, (str, int, float, bool))

@@ -1,0 +1,154 @@
+"""The per-application state: client, plugins, counters, delivery. Kept in app.extensions["dtmf"]."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import tempfile
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import requests
+from flask import Request, Response
+
+from . import metrics as shared_metrics
+from .auth import TokenCache
+from .config import is_sandbox
+from .cxone import CXoneClient
+from .delivery import DeliveryEngine
+from .dialects import make_dialect
+from .errors import error_response
+from .events import Redactor, build_event
+from .idempotency import Idempotency
+from .pluginmanager import build_plugin_manager, resolve
+
+if TYPE_CHECKING:
+    from .api import Attempt
+
+log = logging.getLogger("dtmf_service")
+
+CORE_COUNTERS = ("successful_parses", "validation_failures", "submission_failures", "latency_ms_sum")
+
+
+class Gateway:
+    """Everything one application instance needs to serve a request."""
+
+    def __init__(self, config: dict[str, Any], session: requests.Session | None = None) -> None:
+        self.config = config
+        self.max_body = int(config["MAX_CONTENT_LENGTH"])
+        self.mode = "sandbox" if is_sandbox(config) else "cxone"
+        self.session = session or _make_session(config, self.mode)
+        dialect = make_dialect(config, self.session)
+        self.tokens = TokenCache(dialect.fetch_token, margin_s=float(config["CXONE_TOKEN_REFRESH_MARGIN_S"]))
+        self.client = CXoneClient(config, dialect, self.session, self.tokens)
+        self.redactor = Redactor(config)
+        self._api_keys = [k.encode() for k in config["API_KEYS"]]
+        if not config.get("METRICS_DIR"):
+            # Outside gunicorn (tests, flask run) each application counts on its own.
+            config["METRICS_DIR"] = tempfile.mkdtemp(prefix="dtmf-metrics-")
+        self.counters = shared_metrics.shared_counters(config["METRICS_DIR"])
+        self.plugins = build_plugin_manager(config)
+        self.exporters = resolve(self.plugins, "exporter", config["METRICS_EXPORTERS"], config)
+        sinks = resolve(self.plugins, "sink", config["AUDIT_SINKS"], config)
+        self.delivery = DeliveryEngine(sinks, config, self.counters)
+        self.idempotency = Idempotency.from_config(config)
+        self._openapi: dict[str, Any] | None = None
+
+    # -- callers -------------------------------------------------------------------------------
+    def authenticate(self, request: Request) -> Response | None:
+        """None when the caller may proceed, else the 401 response."""
+        if not self._api_keys:
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() == "bearer" and presented:
+            candidate = presented.strip().encode()
+            matched = False
+            for key in self._api_keys:  # every key compared, in constant time each: no early exit to time
+                matched |= hmac.compare_digest(candidate, key)
+            if matched:
+                return None
+        return error_response(
+            401,
+            "unauthorized",
+            "missing or invalid API key (Authorization: Bearer <key>)",
+            headers={"WWW-Authenticate": 'Bearer realm="dtmf-gateway"'},
+        )
+
+    # -- audit and metrics ---------------------------------------------------------------------
+    def record(self, attempt: Attempt, client_ip: str | None, latency_ms: float) -> dict[str, Any]:
+        """Build the audit event once, hand it to every exporter and sink, each isolated."""
+        from flask import g
+
+        event = build_event(
+            client_ip=client_ip,
+            sent=attempt.sent,
+            valid=attempt.valid,
+            invalid_fields=attempt.invalid_fields,
+            latency_ms=latency_ms,
+            cxone_status=attempt.cxone_status,
+            cxone_response=attempt.cxone_response,
+            outcome=attempt.outcome or "internal_error",
+            redactor=self.redactor,
+            request_id=g.get("request_id"),
+            event_id=attempt.event_id,
+        )
+        for name, exporter in self.exporters.items():
+            try:
+                exporter.record(event)
+            except Exception as exc:  # noqa: BLE001 - one exporter failing never stops another
+                log.error("metrics exporter %r failed: %s", name, type(exc).__name__)
+        self.delivery.submit(event)
+        return event
+
+    def metrics_snapshot(self) -> dict[str, Any] | None:
+        if "memory" not in self.exporters:
+            return None
+        totals = self.counters.totals()
+        ok = int(totals.get("successful_parses", 0))
+        bad = int(totals.get("validation_failures", 0))
+        failed = int(totals.get("submission_failures", 0))
+        total = ok + bad + failed
+        snapshot: dict[str, Any] = {
+            "total_submissions": total,
+            "successful_parses": ok,
+            "validation_failures": bad,
+            "submission_failures": failed,
+            "average_latency_ms": round(totals.get("latency_ms_sum", 0.0) / ok, 3) if ok else None,
+            "accuracy_rate": ok / total if total else None,
+        }
+        snapshot.update(self.delivery.metrics(totals))
+        return snapshot
+
+    def openapi_document(self) -> dict[str, Any]:
+        if self._openapi is None:
+            from .openapi import build_document
+
+            self._openapi = build_document(self.config)
+        return self._openapi
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush audit delivery (spooling what cannot be sent) and close plugins."""
+        self.delivery.close(timeout_s)
+        for name, exporter in self.exporters.items():
+            closer = getattr(exporter, "close", None)
+            if closer is not None:
+                try:
+                    closer()
+                except Exception as exc:  # noqa: BLE001
+                    log.error("metrics exporter %r failed to close: %s", name, type(exc).__name__)
+        self.idempotency.close()
+
+
+def _make_session(config: Mapping[str, Any], mode: str) -> requests.Session:
+    session = requests.Session()
+    # Proxies and netrc from the environment have no business on a CXone call path.
+    session.trust_env = False
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=128)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    if mode == "sandbox":
+        from .simulator import Simulator, SimulatorAdapter
+
+        session.mount("http://cxone-sandbox.invalid/", SimulatorAdapter(Simulator("http://cxone-sandbox.invalid")))
+    return session

@@ -1,0 +1,170 @@
+"""Counters shared by every worker process of one gunicorn master.
+
+As prometheus_client's multiprocess mode does: each process writes its own
+memory-mapped file in a shared directory, and a read merges every file. A
+counter sums all files, those of dead workers included, so totals survive a
+worker restart; a gauge sums the files of live processes only. The gunicorn
+master wipes the directory when it starts (gunicorn.conf.py).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Iterable
+
+_MAGIC = b"DTMFCNT1"
+_HEADER = 8192  # magic, length, JSON list of names; values follow
+_SLOT = struct.Struct("<d")
+_MAX_SLOTS = 1024
+
+
+class SharedCounters:
+    """Named float counters and gauges, one file per process, merged on read."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._map: mmap.mmap | None = None
+        self._slots: dict[str, int] = {}
+        self._gauges: set[str] = set()
+
+    def declare_gauges(self, names: Iterable[str]) -> None:
+        """Mark names whose value is a level (summed over live processes), not a running total."""
+        self._gauges.update(names)
+
+    def inc(self, name: str, amount: float = 1.0) -> None:
+        with self._lock:
+            offset = self._offset(name)
+            (value,) = _SLOT.unpack_from(self._map, offset)  # type: ignore[arg-type]
+            _SLOT.pack_into(self._map, offset, value + amount)  # type: ignore[arg-type]
+
+    def add_many(self, amounts: dict[str, float]) -> None:
+        """Several increments under one lock (one request's worth)."""
+        with self._lock:
+            for name, amount in amounts.items():
+                offset = self._offset(name)
+                (value,) = _SLOT.unpack_from(self._map, offset)  # type: ignore[arg-type]
+                _SLOT.pack_into(self._map, offset, value + amount)  # type: ignore[arg-type]
+
+    def set(self, name: str, value: float) -> None:
+        with self._lock:
+            _SLOT.pack_into(self._map, self._offset(name), value)  # type: ignore[arg-type]
+
+    def totals(self) -> dict[str, float]:
+        """Every name, merged over all process files."""
+        merged: dict[str, float] = {}
+        for path in glob.glob(os.path.join(self.directory, "counters-*.bin")):
+            try:
+                pid = int(os.path.basename(path)[9:-4])
+                values = _read_file(path)
+            except (OSError, ValueError):
+                continue  # a file being created right now; next read sees it
+            alive = _alive(pid)
+            for name, value in values.items():
+                if name in self._gauges and not alive:
+                    continue
+                merged[name] = merged.get(name, 0.0) + value
+        return merged
+
+    def _offset(self, name: str) -> int:
+        if self._pid != os.getpid():
+            self._open()
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._add_slot(name)
+        return _HEADER + slot * _SLOT.size
+
+    def _open(self) -> None:
+        # A forked child must not write into its parent's file: open one of its own.
+        self._pid = os.getpid()
+        path = os.path.join(self.directory, f"counters-{self._pid}.bin")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            size = _HEADER + _MAX_SLOTS * _SLOT.size
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        names = _read_names(self._map)
+        self._slots = {name: index for index, name in enumerate(names)}
+        if not names:
+            self._write_names()
+        for gauge in self._gauges & set(self._slots):
+            # A reused pid inherits a dead process's file: its levels are stale, its totals are not.
+            _SLOT.pack_into(self._map, _HEADER + self._slots[gauge] * _SLOT.size, 0.0)
+
+    def _add_slot(self, name: str) -> int:
+        index = len(self._slots)
+        if index >= _MAX_SLOTS:
+            raise RuntimeError("too many metric names")
+        self._slots[name] = index
+        self._write_names()
+        return index
+
+    def _write_names(self) -> None:
+        assert self._map is not None
+        names = sorted(self._slots, key=self._slots.__getitem__)
+        blob = json.dumps(names).encode()
+        if len(blob) + 12 > _HEADER:
+            raise RuntimeError("metric names do not fit the header")
+        self._map[8 : 12 + len(blob)] = struct.pack("<I", len(blob)) + blob
+        self._map[0:8] = _MAGIC
+
+
+def _read_names(buffer: bytes | mmap.mmap) -> list[str]:
+    if bytes(buffer[0:8]) != _MAGIC:
+        return []
+    (length,) = struct.unpack_from("<I", buffer, 8)
+    if length > _HEADER - 12:
+        raise ValueError("corrupt counters header")
+    return json.loads(bytes(buffer[12 : 12 + length]))
+
+
+def _read_file(path: str) -> dict[str, float]:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    names = _read_names(data)
+    return {name: _SLOT.unpack_from(data, _HEADER + i * _SLOT.size)[0] for i, name in enumerate(names)}
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wipe(directory: str) -> None:
+    """Remove every process file: a new master starts from zero."""
+    for path in glob.glob(os.path.join(directory, "counters-*.bin")):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+_instances: dict[str, SharedCounters] = {}
+_instances_lock = threading.Lock()
+
+
+def shared_counters(directory: str) -> SharedCounters:
+    """The one SharedCounters of this process for ``directory`` (the core and the memory exporter share it)."""
+    key = os.path.abspath(directory)
+    with _instances_lock:
+        instance = _instances.get(key)
+        if instance is None:
+            instance = _instances[key] = SharedCounters(key)
+        return instance

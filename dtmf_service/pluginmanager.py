@@ -1,0 +1,72 @@
+"""The plugin manager: built-ins, then PLUGINS modules, then the entry-point group.
+
+Built one per application (never a global), so tests and several apps in one
+process do not share registrations.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .config import ConfigError
+
+log = logging.getLogger("dtmf_service")
+
+# The built-in plugins ship in the repository's plugins/ folder, installed as
+# dtmf_service.builtin_plugins (setup.cfg package_dir) so that the generic
+# top-level name "plugins" never has to be importable in site-packages.
+DEFAULT_PLUGINS = ("memory", "statsd", "file", "webhook", "syslog")
+
+
+def _import_builtin(name: str) -> Any:
+    try:
+        return importlib.import_module(f"dtmf_service.builtin_plugins.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("dtmf_service.builtin_plugins", f"dtmf_service.builtin_plugins.{name}"):
+            raise
+    # Running from a source checkout that was never installed: the folder itself.
+    return importlib.import_module(f"plugins.{name}")
+
+
+def build_plugin_manager(config: Mapping[str, Any]) -> pluggy.PluginManager:
+    """A plugin manager with every plugin registered and every hook checked."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in DEFAULT_PLUGINS:
+        pm.register(_import_builtin(name), name=f"builtin.{name}")
+    for module_name in config.get("PLUGINS") or []:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"PLUGINS: cannot import {module_name!r} ({type(exc).__name__})") from None
+        if pm.is_registered(module):
+            continue
+        pm.register(module, name=module_name)
+    pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    # A misspelt hook name in any plugin fails here, loudly, not silently at run time.
+    pm.check_pending()
+    return pm
+
+
+def resolve(pm: pluggy.PluginManager, kind: str, names: list[str], config: Mapping[str, Any]) -> dict[str, Any]:
+    """Ask the plugins for each named sink or exporter; an unknown name stops start-up."""
+    hook = pm.hook.dtmf_audit_sink if kind == "sink" else pm.hook.dtmf_metrics_exporter
+    key = "AUDIT_SINKS" if kind == "sink" else "METRICS_EXPORTERS"
+    found: dict[str, Any] = {}
+    for name in names:
+        if name in found:
+            continue
+        instance = hook(name=name, config=config)
+        if instance is None:
+            raise ConfigError(f"{key}: no plugin provides {name!r}")
+        method = "deliver" if kind == "sink" else "record"
+        if not callable(getattr(instance, method, None)):
+            raise ConfigError(f"{key}: the plugin for {name!r} returned an object without {method}()")
+        found[name] = instance
+    return found

@@ -1,0 +1,138 @@
+"""Marshmallow schemas: the request that is validated, and the responses, for OpenAPI too.
+
+marshmallow is lenient by default in ways that matter here: ``Boolean`` takes
+"yes" and 1, ``Integer`` takes true and "5", ``Regexp`` uses ``re.match`` (so
+``$`` accepts a trailing newline). The strict fields below close each of them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+INTERACTION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+# Explicit keypad characters: \d would admit Arabic-Indic and full-width digits.
+DIGITS_PATTERN = r"^[0-9*#]{1,16}$"
+# No C0/C1 control characters, DEL, nor Unicode line/paragraph separators: the key is written into logs.
+SEQUENCE_KEY_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]{1,128}$"
+
+
+class FullMatch(validate.Regexp):
+    """Regexp that must match the whole string (``re.fullmatch``), trailing newline included."""
+
+    def __init__(self, pattern: str, error: str) -> None:
+        super().__init__(pattern, error=error)
+        self._full = re.compile(pattern.removeprefix("^").removesuffix("$"))
+
+    def __call__(self, value: str) -> str:
+        if not isinstance(value, str) or self._full.fullmatch(value) is None:
+            raise ValidationError(self.error)
+        return value
+
+
+class StrictString(fields.String):
+    """A JSON string and nothing else."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        if not isinstance(value, str):
+            raise self.make_error("invalid")
+        return value
+
+
+class StrictInteger(fields.Integer):
+    """A JSON integer: not a string, not a boolean; 5000.0 counts (JSON Schema), 5000.5 does not."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise self.make_error("invalid")
+            value = int(value)
+        return value
+
+
+class StrictBoolean(fields.Boolean):
+    """JSON true or false only: not "true", not 1, not "yes"."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if value is True or value is False:
+            return value
+        raise self.make_error("invalid")
+
+
+class DTMFRequestSchema(Schema):
+    """The body of POST /api/dtmf/parse."""
+
+    class Meta:
+        unknown = RAISE
+
+    interaction_id = StrictString(
+        required=True,
+        validate=FullMatch(INTERACTION_ID_PATTERN, "must be 1 to 128 of A-Z a-z 0-9 . _ : - not starting with . _ : -"),
+        metadata={"description": "CXone interaction id (agent dialect: the agent session id); a URL path segment"},
+    )
+    digits = StrictString(
+        required=True,
+        validate=FullMatch(DIGITS_PATTERN, "must be 1 to 16 keypad characters: 0-9, * and #"),
+        metadata={"description": "keypad digits to press"},
+    )
+    timeout_ms = StrictInteger(
+        required=True,
+        validate=validate.Range(1000, 30000, error="must be an integer from 1000 to 30000"),
+        metadata={"description": "digit collection timeout in milliseconds"},
+    )
+    sequence_matrix_key = StrictString(
+        required=True,
+        validate=FullMatch(SEQUENCE_KEY_PATTERN, "must be 1 to 128 characters with no control characters"),
+        metadata={"description": "IVR routing key; also selects digit masking (AUDIT_SENSITIVE_KEYS)"},
+    )
+    node_transition_flag = StrictBoolean(
+        load_default=False, metadata={"description": "advance the IVR to the next node after collection"}
+    )
+
+
+class SubmittedSchema(Schema):
+    status = fields.String(required=True, metadata={"enum": ["dtmf_submitted"]})
+    interaction_id = fields.String(required=True)
+    digits = fields.String(required=True)
+    cxone_status = fields.Integer(required=True)
+    attempts = fields.Integer(required=True)
+    latency_ms = fields.Float(required=True)
+
+
+class ErrorSchema(Schema):
+    status = fields.String(required=True)
+    error = fields.String()
+
+
+class ValidationErrorSchema(ErrorSchema):
+    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()), required=True)
+
+
+class SubmissionErrorSchema(ErrorSchema):
+    cxone_status = fields.Integer(required=True, allow_none=True)
+
+
+class MetricsSchema(Schema):
+    total_submissions = fields.Integer(required=True)
+    successful_parses = fields.Integer(required=True)
+    validation_failures = fields.Integer(required=True)
+    submission_failures = fields.Integer(required=True)
+    average_latency_ms = fields.Float(required=True, allow_none=True)
+    accuracy_rate = fields.Float(required=True, allow_none=True)
+    audit_dropped = fields.Integer()
+    audit = fields.Dict(keys=fields.String(), values=fields.Dict())
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, metadata={"enum": ["ok"]})
+    mode = fields.String(required=True, metadata={"enum": ["cxone", "sandbox"]})
+    api = fields.String(required=True, metadata={"enum": ["tutorial", "agent"]})
+
+
+def summarise(errors: dict[str, Any]) -> str:
+    """One line naming the fields that failed (never their values: digits are secret)."""
+    return "request failed validation: " + ", ".join(sorted(str(name) for name in errors))

@@ -1,0 +1,77 @@
+"""gunicorn settings for the DTMF gateway. Command-line flags override these.
+
+DTMF_BIND (127.0.0.1:8080), DTMF_WORKERS (one per core), DTMF_THREADS (32).
+gthread workers: a request spends most of its life waiting on CXone, so
+threads, not processes, carry the concurrency (5 sync workers would cap the
+service at 100 requests/s against a 50 ms upstream).
+"""
+
+import json
+import logging
+import os
+import tempfile
+
+from dtmf_service import metrics as _metrics
+
+bind = os.environ.get("DTMF_BIND", "127.0.0.1:8080")
+worker_class = "gthread"
+workers = int(os.environ.get("DTMF_WORKERS") or (os.cpu_count() or 1))
+threads = int(os.environ.get("DTMF_THREADS") or 32)
+# Above the longest request: retry budget plus one read timeout, with room to spare.
+_budget = float(os.environ.get("DTMF_CXONE_RETRY_BUDGET_S") or 10)
+_read = float(os.environ.get("DTMF_CXONE_READ_TIMEOUT_S") or 15)
+timeout = int(_budget + _read + 10)
+# In-flight requests finish, then the audit queues are spooled (worker_exit).
+graceful_timeout = int(_budget + _read + 10)
+keepalive = 75  # longer than nginx's upstream keepalive_timeout (60 s) so nginx closes first
+# Requests carry no digits in query strings, but a caller could still add one: log the path only.
+accesslog = os.environ.get("DTMF_ACCESS_LOG", "-")
+access_log_format = json.dumps(
+    {"remote": "%(h)s", "request_id": "%({x-request-id}o)s", "method": "%(m)s", "path": "%(U)s",
+     "status": "%(s)s", "bytes": "%(B)s", "duration_ms": "%(M)s", "user_agent": "%(a)s"}
+)
+errorlog = "-"
+loglevel = os.environ.get("DTMF_GUNICORN_LOG_LEVEL", "info")
+proc_name = "dtmf-gateway"
+
+_AUDIT_FLUSH_S = 10.0
+
+
+def on_starting(server):
+    """Master start: one metrics directory for all workers, wiped so totals start from zero."""
+    directory = os.environ.get("DTMF_METRICS_DIR")
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="dtmf-metrics-")
+        os.environ["DTMF_METRICS_DIR"] = directory
+    os.makedirs(directory, exist_ok=True)
+    _metrics.wipe(directory)
+    # Fail fast in the master, with one line, on a bad configuration.
+    from dtmf_service import config as cfg
+
+    probe = {}
+    try:
+        cfg.load_sources(probe)
+        cfg.finalise(probe)
+    except cfg.ConfigError as exc:
+        logging.getLogger("gunicorn.error").error("dtmf-gateway: configuration error: %s", exc)
+        raise SystemExit(4) from None
+
+
+def post_worker_init(worker):
+    """Start audit delivery now, so a spool left by an earlier process is delivered without waiting."""
+    gateway = _gateway(worker)
+    if gateway is not None:
+        gateway.delivery.start()
+
+
+def worker_exit(server, worker):
+    """Graceful stop (SIGTERM, SIGHUP reload, max_requests): persist undelivered audit events."""
+    gateway = _gateway(worker)
+    if gateway is not None:
+        gateway.close(_AUDIT_FLUSH_S)
+
+
+def _gateway(worker):
+    app = getattr(worker, "wsgi", None)
+    extensions = getattr(app, "extensions", None)
+    return extensions.get("dtmf") if isinstance(extensions, dict) else None

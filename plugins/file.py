@@ -1,0 +1,80 @@
+"""Audit sink ``file``: JSON Lines at AUDIT_FILE_PATH, safe with several workers appending."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from dtmf_service import hookimpl
+from dtmf_service.config import ConfigError
+
+
+class FileSink:
+    """One ``write`` of whole lines on an O_APPEND descriptor: workers never interleave a line.
+
+    AUDIT_FILE_FSYNC: ``always`` (fsync per event), ``batch`` (per delivered batch; default), ``never``.
+    """
+
+    def __init__(self, path: str, fsync: str = "batch") -> None:
+        self.path = path
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid: int | None = None
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            # Re-opened after fork, and after log rotation moved the file away (checked by inode).
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._pid = os.getpid()
+        else:
+            try:
+                if os.stat(self.path).st_ino != os.fstat(self._fd).st_ino:
+                    os.close(self._fd)
+                    self._fd = None
+                    return self._descriptor()
+            except FileNotFoundError:
+                os.close(self._fd)
+                self._fd = None
+                return self._descriptor()
+        return self._fd
+
+    def _write(self, data: bytes, sync: bool) -> None:
+        with self._lock:
+            fd = self._descriptor()
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError("short write to audit file")
+            if sync:
+                os.fsync(fd)
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        self._write((json.dumps(event, separators=(",", ":")) + "\n").encode(), self.fsync != "never")
+
+    def deliver_many(self, events: list[dict[str, Any]]) -> None:
+        if self.fsync == "always":
+            for event in events:
+                self.deliver(event)
+            return
+        lines = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode()
+        self._write(lines, self.fsync == "batch")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
+
+
+@hookimpl
+def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> FileSink | None:
+    if name != "file":
+        return None
+    if not config.get("AUDIT_FILE_PATH"):
+        raise ConfigError("AUDIT_FILE_PATH: required when AUDIT_SINKS includes file")
+    return FileSink(config["AUDIT_FILE_PATH"], config.get("AUDIT_FILE_FSYNC", "batch"))
