@@ -33,6 +33,11 @@ access_log_format = json.dumps(
 errorlog = "-"
 loglevel = os.environ.get("DTMF_GUNICORN_LOG_LEVEL", "info")
 proc_name = "dtmf-gateway"
+# gunicorn's control socket has one fixed default path: two instances on a host would fight over it.
+if os.environ.get("DTMF_CONTROL_SOCKET"):
+    control_socket = os.environ["DTMF_CONTROL_SOCKET"]
+else:
+    control_socket_disable = True
 
 _AUDIT_FLUSH_S = 10.0
 

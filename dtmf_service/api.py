@@ -154,7 +154,9 @@ def _parse_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest("body is not valid UTF-8") from None
     try:
         data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise BadRequest("body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
         reason = "duplicate key in JSON object" if "duplicate key" in str(exc) else "body is not valid JSON"
         raise BadRequest(reason) from None
     if not isinstance(data, dict):

@@ -55,7 +55,8 @@ class SharedCounters:
 
     def set(self, name: str, value: float) -> None:
         with self._lock:
-            _SLOT.pack_into(self._map, self._offset(name), value)  # type: ignore[arg-type]
+            offset = self._offset(name)  # opens the file first: self._map may not exist yet
+            _SLOT.pack_into(self._map, offset, value)  # type: ignore[arg-type]
 
     def totals(self) -> dict[str, float]:
         """Every name, merged over all process files."""

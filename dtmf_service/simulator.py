@@ -87,6 +87,16 @@ class Simulator:
                 if name in settings:
                     setattr(self, name, settings[name])
 
+    def seen(self, kind: str) -> list[dict[str, Any]]:
+        """Recorded requests of one kind: "token", "dtmf" or "discovery"."""
+        with self._lock:
+            recorded = list(self.requests)
+        if kind == "token":
+            return [r for r in recorded if r["path"].endswith(("/oauth/token", "/auth/token"))]
+        if kind == "dtmf":
+            return [r for r in recorded if r["path"].endswith(("/dtmf", "/send-dtmf"))]
+        return [r for r in recorded if "/.well-known/" in r["path"]]
+
     def _next_scripted(self, *targets: str) -> SimResponse | None:
         with self._lock:
             for target in targets:
@@ -96,14 +106,16 @@ class Simulator:
         return None
 
     # -- the API -----------------------------------------------------------------------------
-    def handle(self, method: str, target: str, headers: dict[str, str], body: bytes) -> SimResponse:
-        """Answer one request. ``headers`` keys are lower-case."""
+    def handle(
+        self, method: str, target: str, headers: dict[str, str], body: bytes, peer: str | None = None
+    ) -> SimResponse:
+        """Answer one request. ``headers`` keys are lower-case; ``peer`` is the client's host:port."""
         parts = urlsplit(target)
         path = parts.path
         with self._lock:
             self.requests.append(
                 {"method": method, "path": path, "query": parts.query, "headers": headers,
-                 "body": body.decode("utf-8", "replace")}
+                 "body": body.decode("utf-8", "replace"), "peer": peer}
             )
         if path.startswith("/_sim/"):
             return self._control(method, path, body)
@@ -272,7 +284,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
-        answer = self.server.simulator.handle(self.command, self.path, headers, body)
+        peer = "%s:%s" % self.client_address[:2]
+        answer = self.server.simulator.handle(self.command, self.path, headers, body, peer)
         if answer.delay_s:
             time.sleep(answer.delay_s)
         if answer.drop:

@@ -1,0 +1,112 @@
+"""CONTRACT.md section 3: one token per process, single flight, 30 s margin, shared failure."""
+
+import threading
+import time
+
+import pytest
+
+from dtmf_service.auth import TokenCache, TokenError
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_fifty_concurrent_first_requests_cause_one_fetch():
+    calls = []
+    release = threading.Event()
+
+    def fetch():
+        calls.append(1)
+        release.wait(5)
+        return "tok", 3600
+
+    cache = TokenCache(fetch)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get())) for _ in range(50)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert len(calls) == 1
+    assert results == ["tok"] * 50
+
+
+def test_waiters_share_the_failure_of_the_one_fetch():
+    calls = []
+    release = threading.Event()
+
+    def fetch():
+        calls.append(1)
+        release.wait(5)
+        raise TokenError("authentication with CXone failed")
+
+    cache = TokenCache(fetch)
+    errors = []
+
+    def worker():
+        try:
+            cache.get()
+        except TokenError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=worker) for _ in range(20)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert len(calls) == 1
+    assert errors == ["authentication with CXone failed"] * 20
+
+
+def test_failure_is_not_cached_the_next_request_tries_again():
+    answers = iter([TokenError("down"), ("tok", 3600)])
+
+    def fetch():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    cache = TokenCache(fetch)
+    with pytest.raises(TokenError):
+        cache.get()
+    assert cache.get() == "tok"
+
+
+def test_token_reused_until_thirty_seconds_before_expiry():
+    clock = Clock()
+    tokens = iter(["t1", "t2"])
+    cache = TokenCache(lambda: (next(tokens), 100), margin_s=30, clock=clock)
+    assert cache.get() == "t1"
+    clock.now += 69.9
+    assert cache.get() == "t1"
+    clock.now += 0.2  # now 70.1 s in: inside the 30 s margin
+    assert cache.get() == "t2"
+
+
+def test_invalidate_drops_only_the_stale_token():
+    tokens = iter(["t1", "t2", "t3"])
+    cache = TokenCache(lambda: (next(tokens), 3600))
+    assert cache.get() == "t1"
+    cache.invalidate("t1")
+    assert cache.get() == "t2"
+    cache.invalidate("t1")  # a second thread's late 401 for the old token must not drop the new one
+    assert cache.get() == "t2"
+
+
+def test_unexpected_fetch_error_becomes_token_error_without_detail():
+    def fetch():
+        raise ValueError("secret=hunter2")
+
+    with pytest.raises(TokenError) as info:
+        TokenCache(fetch).get()
+    assert "hunter2" not in str(info.value)
