@@ -25,7 +25,8 @@ timeout = int(_budget + _read + 10)
 graceful_timeout = int(_budget + _read + 10)
 keepalive = 75  # longer than nginx's upstream keepalive_timeout (60 s) so nginx closes first
 # Requests carry no digits in query strings, but a caller could still add one: log the path only.
-accesslog = os.environ.get("DTMF_ACCESS_LOG", "-")
+# DTMF_ACCESS_LOG: a path, "-" for stderr (default), or "off".
+accesslog = None if os.environ.get("DTMF_ACCESS_LOG", "-") == "off" else os.environ.get("DTMF_ACCESS_LOG", "-")
 access_log_format = json.dumps(
     {"remote": "%(h)s", "request_id": "%({x-request-id}o)s", "method": "%(m)s", "path": "%(U)s",
      "status": "%(s)s", "bytes": "%(B)s", "duration_ms": "%(M)s", "user_agent": "%(a)s"}

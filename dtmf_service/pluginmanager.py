@@ -47,10 +47,16 @@ def build_plugin_manager(config: Mapping[str, Any]) -> pluggy.PluginManager:
             raise ConfigError(f"PLUGINS: cannot import {module_name!r} ({type(exc).__name__})") from None
         if pm.is_registered(module):
             continue
-        pm.register(module, name=module_name)
-    pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-    # A misspelt hook name in any plugin fails here, loudly, not silently at run time.
-    pm.check_pending()
+        try:
+            pm.register(module, name=module_name)
+        except pluggy.PluginValidationError as exc:
+            raise ConfigError(f"PLUGINS: plugin {module_name!r} is invalid: {exc}".splitlines()[0]) from None
+    try:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        # A misspelt hook name in any plugin fails here, loudly, not silently at run time.
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(f"PLUGINS: invalid plugin: {exc}".splitlines()[0]) from None
     return pm
 
 

@@ -60,7 +60,8 @@ class Gunicorn:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}")
+                tail = self.log_path.read_text()[-3000:] if self.log_path else ""
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{tail}")
             try:
                 if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self

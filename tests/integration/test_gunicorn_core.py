@@ -1,0 +1,96 @@
+"""End to end through real gunicorn (4 workers) and the simulator on loopback, in both dialects."""
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.conftest import VALID
+from tests.helpers import post, wait_until
+from tests.integration.conftest import dialect_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["tutorial", "agent"])
+def dialect(request):
+    return request.param
+
+
+@pytest.fixture
+def gateway(dialect, sim_url, gateway_env, start_gunicorn):
+    return start_gunicorn({**gateway_env, **dialect_env(dialect, sim_url)})
+
+
+def test_valid_request_is_submitted(gateway, sim, dialect):
+    response = post(gateway.url, VALID)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "dtmf_submitted"
+    assert body["cxone_status"] == (202 if dialect == "agent" else 200)
+    (dtmf,) = sim.seen("dtmf")
+    if dialect == "agent":
+        assert dtmf["path"] == "/InContactAPI/services/v23.0/agent-sessions/call-1/send-dtmf"
+        assert dtmf["body"] == '{"dtmfSequence":"12#","toneDurationMS":340,"toneSpacingMS":0}'
+        assert dtmf["headers"]["correlationid"]
+    else:
+        assert dtmf["body"] == '{"digits":"12#","timeout":5000}'
+
+
+def test_error_mappings(gateway, sim):
+    assert post(gateway.url, {**VALID, "interaction_id": "missing-1"}).status_code == 404
+    sim.script("dtmf:*", [{"status": 500}])
+    failed = post(gateway.url, VALID)
+    assert (failed.status_code, failed.json()["cxone_status"]) == (502, 500)
+    sim.script("dtmf:*", [{"status": 429, "headers": {"Retry-After": "0"}}] * 3)
+    limited = post(gateway.url, VALID)
+    assert (limited.status_code, limited.json()["cxone_status"]) == (503, 429)
+    assert int(limited.headers["Retry-After"]) >= 1
+    sim.script("dtmf:*", [{"status": 200, "drop": True}])
+    unknown = post(gateway.url, VALID)
+    assert unknown.status_code == 504
+    assert unknown.json() == {"status": "submission_unknown", "error": unknown.json()["error"], "cxone_status": None}
+    invalid = requests.post(f"{gateway.url}/api/dtmf/parse", data="{", headers={"Content-Type": "application/json"})
+    assert (invalid.status_code, invalid.json()["status"]) == (400, "invalid_request")
+    wrong_type = requests.post(f"{gateway.url}/api/dtmf/parse", data="{}", headers={"Content-Type": "text/plain"})
+    assert wrong_type.status_code == 415
+    too_big = post(gateway.url, {**VALID, "sequence_matrix_key": "x" * 70000})
+    assert (too_big.status_code, too_big.headers["Content-Type"]) == (413, "application/json")
+
+
+def test_token_failure_is_502_with_null_status(gateway, sim):
+    sim.configure(client_id="someone-else", client_secret="x")
+    response = post(gateway.url, VALID)
+    assert (response.status_code, response.json()["cxone_status"]) == (502, None)
+
+
+def test_metrics_are_exact_across_four_workers(gateway, sim):
+    bodies = [VALID] * 200 + [{**VALID, "digits": "X"}] * 60 + [{**VALID, "interaction_id": "missing-2"}] * 40
+    session_local = requests.Session
+
+    def send(body):
+        with session_local() as session:
+            return session.post(f"{gateway.url}/api/dtmf/parse", json=body, timeout=30).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(send, bodies))
+    assert statuses.count(200) == 200 and statuses.count(400) == 60 and statuses.count(404) == 40
+    served_by = {r["peer"] for r in sim.seen("dtmf")}
+    assert len(served_by) >= 2  # several workers (each with its own keep-alive connection) answered
+    for _ in range(8):  # whichever worker answers, the totals are the same
+        body = requests.get(f"{gateway.url}/api/metrics", timeout=5).json()
+        assert body["total_submissions"] == 300
+        assert (body["successful_parses"], body["validation_failures"], body["submission_failures"]) == (200, 60, 40)
+        assert body["accuracy_rate"] == pytest.approx(200 / 300)
+
+
+def test_metrics_survive_a_worker_restart(gateway):
+    for _ in range(20):
+        assert post(gateway.url, VALID).status_code == 200
+    victim = gateway.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in gateway.worker_pids() and len(gateway.worker_pids()) == 4, timeout=15)
+    for _ in range(8):
+        assert requests.get(f"{gateway.url}/api/metrics", timeout=5).json()["successful_parses"] == 20
