@@ -1,0 +1,149 @@
+"""Audit sinks behind real gunicorn: every event reaches every sink; nothing lost across a restart."""
+
+import json
+import signal
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.conftest import VALID
+from tests.helpers import Gunicorn, UdpReceiver, WebhookReceiver, post, wait_until
+from tests.integration.conftest import dialect_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def webhook():
+    receiver = WebhookReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def udp_servers():
+    syslog, statsd = UdpReceiver(), UdpReceiver()
+    yield syslog, statsd
+    syslog.close()
+    statsd.close()
+
+
+def sinks_env(tmp_path, webhook, syslog_port, statsd_port):
+    return {"DTMF_AUDIT_SINKS": "file,webhook,syslog", "DTMF_METRICS_EXPORTERS": "memory,statsd",
+            "DTMF_AUDIT_FILE_PATH": str(tmp_path / "audit.jsonl"), "DTMF_AUDIT_WEBHOOK_URL": webhook.url,
+            "DTMF_AUDIT_SYSLOG_ADDRESS": f"udp://127.0.0.1:{syslog_port}", "DTMF_STATSD_PORT": str(statsd_port),
+            "DTMF_AUDIT_BACKOFF_BASE_S": "0.05", "DTMF_AUDIT_BACKOFF_MAX_S": "0.5"}
+
+
+def file_ids(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    return [json.loads(line)["event_id"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def audit_pending(url):
+    return requests.get(f"{url}/api/metrics", timeout=5).json()["audit_pending"]
+
+
+def send_many(url, bodies, workers=16):
+    def send(body):
+        with requests.Session() as session:
+            return session.post(f"{url}/api/dtmf/parse", json=body, timeout=30).status_code
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(send, bodies))
+
+
+def test_every_event_reaches_every_sink_exactly_once(tmp_path, sim_url, gateway_env, start_gunicorn, webhook,
+                                                     udp_servers):
+    syslog, statsd = udp_servers
+    env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port)}
+    gateway = start_gunicorn(env)
+    bodies = [VALID] * 200 + [{**VALID, "digits": "no"}] * 50 + [{**VALID, "interaction_id": "missing-3"}] * 50
+    statuses = send_many(gateway.url, bodies)
+    assert len(statuses) == 300
+    wait_until(lambda: len(webhook.ids()) >= 300 and len(file_ids(tmp_path)) >= 300 and len(syslog.datagrams) >= 300,
+               timeout=30)
+    wait_until(lambda: audit_pending(gateway.url) == 0, timeout=10)
+    hook_ids, disk_ids = webhook.ids(), file_ids(tmp_path)
+    syslog_ids = [json.loads(d.decode()[d.decode().index(">") + 1:])["event_id"] for d in syslog.datagrams]
+    assert len(set(hook_ids)) == len(hook_ids) == 300
+    assert set(hook_ids) == set(disk_ids) == set(syslog_ids)
+    assert len(disk_ids) == len(syslog_ids) == 300
+    outcomes = sorted(e["outcome"] for e in webhook.events)
+    assert outcomes.count("dtmf_submitted") == 200 and outcomes.count("validation_failed") == 50
+    wait_until(lambda: sum(d.count(b"p.total_submissions") + d.count(b"dtmf.total_submissions")
+                           for d in statsd.datagrams) >= 300, timeout=10)
+    totals = sum(d.count(b"dtmf.total_submissions:1|c") for d in statsd.datagrams)
+    assert totals == 300
+    body = requests.get(f"{gateway.url}/api/metrics", timeout=5).json()
+    assert body["audit_sinks"]["webhook"]["audit_delivered"] == 300
+    assert body["audit_dropped"] == 0
+
+
+def test_webhook_down_across_a_restart_loses_nothing(tmp_path, sim_url, gateway_env, webhook, udp_servers):
+    syslog, statsd = udp_servers
+    webhook.stop()  # down: the port is closed
+    env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port)}
+    first = Gunicorn(env, workers=4, log_path=tmp_path / "g1.log").start()
+    try:
+        statuses = send_many(first.url, [VALID] * 120)
+        assert statuses == [200] * 120
+        wait_until(lambda: len(file_ids(tmp_path)) == 120, timeout=20)
+    finally:
+        assert first.stop(signal.SIGTERM) == 0  # graceful: queued webhook events go to the spool
+    expected = set(file_ids(tmp_path))
+    assert len(expected) == 120
+    webhook.start()
+    second = Gunicorn(env, workers=4, log_path=tmp_path / "g2.log").start()
+    try:
+        wait_until(lambda: set(webhook.ids()) >= expected, timeout=30)
+        wait_until(lambda: audit_pending(second.url) == 0, timeout=10)
+    finally:
+        second.stop()
+    assert set(webhook.ids()) == expected  # at least once; receivers deduplicate on event_id
+
+
+def test_slow_webhook_does_not_slow_callers(tmp_path, sim_url, gateway_env, start_gunicorn, webhook, udp_servers):
+    syslog, statsd = udp_servers
+    webhook.delay_s = 1.0
+    env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port)}
+    gateway = start_gunicorn(env)
+    latencies = []
+    with requests.Session() as session:
+        for _ in range(40):
+            started = time.perf_counter()
+            assert session.post(f"{gateway.url}/api/dtmf/parse", json=VALID, timeout=30).status_code == 200
+            latencies.append(time.perf_counter() - started)
+    # Each event costs the receiver 1 s; the callers must not feel it (generous bound for a busy CI machine).
+    assert statistics.median(latencies) < 0.25
+    assert max(latencies) < 1.0
+
+
+def test_sigterm_during_a_retry_wait_completes_the_request_and_keeps_its_event(
+        tmp_path, sim, sim_url, gateway_env, webhook, udp_servers):
+    syslog, statsd = udp_servers
+    env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port),
+           "DTMF_CXONE_BACKOFF_MAX_S": "8"}
+    server = Gunicorn(env, workers=2, log_path=tmp_path / "g.log").start()
+    sim.script("dtmf:call-1", [{"status": 429, "headers": {"Retry-After": "2"}}])
+    result = {}
+
+    def call():
+        result["response"] = post(server.url, VALID)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    wait_until(lambda: len(sim.seen("dtmf")) == 1, timeout=10)  # first attempt answered 429: now waiting 2 s
+    server.stop(signal.SIGTERM)
+    caller.join(30)
+    response = result["response"]
+    assert response.status_code == 200
+    assert response.json()["attempts"] == 2
+    event_ids = set(file_ids(tmp_path)) | set(webhook.ids())
+    spooled = [p for p in (tmp_path / "spool").rglob("*.jsonl")]
+    assert event_ids or spooled
+    assert len(file_ids(tmp_path)) == 1

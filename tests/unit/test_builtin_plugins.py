@@ -1,0 +1,185 @@
+"""The built-in sinks and exporters against real sockets, files and HTTP receivers on loopback."""
+
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from dtmf_service.config import ConfigError
+from plugins.file import FileSink
+from plugins.statsd import StatsdExporter
+from plugins.syslog import SyslogSink
+from plugins.webhook import WebhookSink, signature
+from tests.helpers import UdpReceiver, WebhookReceiver, wait_until
+
+LOCAL0_INFO = 16 * 8 + 6
+
+
+def make_event(**kw):
+    return {"event_id": str(uuid.uuid4()), "outcome": "dtmf_submitted", "latency_ms": 12.5, "cxone_status": 200, **kw}
+
+
+@pytest.fixture
+def receiver():
+    r = WebhookReceiver().start()
+    yield r
+    r.stop()
+
+
+def test_webhook_posts_one_event_as_json(receiver):
+    event = make_event()
+    WebhookSink(receiver.url, 5, None).deliver(event)
+    assert receiver.events == [event]
+    assert receiver.headers[0]["Content-Type"] == "application/json"
+    assert "X-DTMF-Signature" not in receiver.headers[0]
+
+
+def test_webhook_non_2xx_is_a_failure(receiver):
+    receiver.status = 500
+    with pytest.raises(RuntimeError):
+        WebhookSink(receiver.url, 5, None).deliver(make_event())
+
+
+def test_webhook_down_is_a_failure(closed_port):
+    with pytest.raises(Exception):  # noqa: B017 - any transport error
+        WebhookSink(f"http://127.0.0.1:{closed_port}/x", 1, None).deliver(make_event())
+
+
+def test_webhook_signature_verifies_with_the_documented_snippet(receiver):
+    WebhookSink(receiver.url, 5, "whsec_test").deliver(make_event())
+    header = receiver.headers[0]["X-DTMF-Signature"]
+    body = receiver.bodies[0]
+    # The receiver-side snippet from README.md, verbatim.
+    import hmac as _hmac, hashlib as _hashlib, time as _time  # noqa: E401, I001
+
+    def verify(secret: str, header: str, body: bytes, tolerance_s: int = 300) -> bool:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        timestamp, received = parts.get("t", ""), parts.get("v1", "")
+        if not timestamp.isdigit() or abs(_time.time() - int(timestamp)) > tolerance_s:
+            return False
+        expected = _hmac.new(secret.encode(), timestamp.encode() + b"." + body, _hashlib.sha256).hexdigest()
+        return _hmac.compare_digest(expected, received)
+
+    assert verify("whsec_test", header, body)
+    assert not verify("other", header, body)
+    assert not verify("whsec_test", header, body + b" ")
+    old = signature("whsec_test", int(time.time()) - 301, body)
+    assert not verify("whsec_test", old, body)
+
+
+def test_signature_format():
+    sig = signature("k", 1700000000, b'{"a":1}')
+    expected = hmac.new(b"k", b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
+    assert sig == f"t=1700000000,v1={expected}"
+
+
+def test_file_sink_writes_json_lines(tmp_path):
+    sink = FileSink(str(tmp_path / "audit" / "events.jsonl"), "always")
+    events = [make_event() for _ in range(3)]
+    sink.deliver(events[0])
+    sink.deliver_many(events[1:])
+    lines = (tmp_path / "audit" / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == events
+
+
+def test_file_sink_follows_rotation(tmp_path):
+    path = tmp_path / "events.jsonl"
+    sink = FileSink(str(path), "never")
+    sink.deliver(make_event())
+    path.rename(tmp_path / "events.jsonl.1")
+    sink.deliver(make_event())
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_syslog_udp_one_event_per_message():
+    server = UdpReceiver()
+    try:
+        sink = SyslogSink(f"udp://127.0.0.1:{server.port}", "local0")
+        event = make_event()
+        sink.deliver(event)
+        wait_until(lambda: server.datagrams, timeout=5)
+        message = server.datagrams[0].decode()
+        assert message.startswith(f"<{LOCAL0_INFO}>")
+        assert json.loads(message[len(f"<{LOCAL0_INFO}>"):]) == event
+    finally:
+        server.close()
+
+
+def test_syslog_tcp_newline_framed_and_facility_configurable():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    received = bytearray()
+
+    def accept():
+        conn, _ = listener.accept()
+        with conn:
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    sink = SyslogSink(f"tcp://127.0.0.1:{listener.getsockname()[1]}", "auth")
+    events = [make_event(), make_event()]
+    for event in events:
+        sink.deliver(event)
+    sink.close()
+    thread.join(5)
+    listener.close()
+    lines = bytes(received).decode().splitlines()
+    assert [json.loads(line[line.index(">") + 1:]) for line in lines] == events
+    assert lines[0].startswith(f"<{4 * 8 + 6}>")
+
+
+def test_syslog_tcp_down_raises(closed_port):
+    with pytest.raises(OSError):
+        SyslogSink(f"tcp://127.0.0.1:{closed_port}", "local0").deliver(make_event())
+
+
+def test_syslog_unix_socket(tmp_path):
+    path = str(tmp_path / "log.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    try:
+        sink = SyslogSink(path, "local0")
+        event = make_event()
+        sink.deliver(event)
+        data = server.recv(65536).decode()
+        assert json.loads(data[len(f"<{LOCAL0_INFO}>"):]) == event
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("address", ["udp://127.0.0.1", "http://x:1", "relative/path"])
+def test_syslog_bad_address_stops_start_up(address):
+    with pytest.raises(ConfigError, match="AUDIT_SYSLOG_ADDRESS"):
+        SyslogSink(address, "local0")
+
+
+def test_syslog_bad_facility_stops_start_up():
+    with pytest.raises(ConfigError, match="AUDIT_SYSLOG_FACILITY"):
+        SyslogSink("/dev/log", "local9")
+
+
+def test_statsd_names_one_datagram_per_request():
+    server = UdpReceiver()
+    try:
+        exporter = StatsdExporter({"STATSD_HOST": "127.0.0.1", "STATSD_PORT": server.port, "STATSD_PREFIX": "p"})
+        exporter.record(make_event())
+        exporter.record(make_event(outcome="validation_failed", cxone_status=None))
+        exporter.record(make_event(outcome="submission_failed", cxone_status=404))
+        exporter.record(make_event(outcome="submission_unknown", cxone_status=None))
+        wait_until(lambda: len(server.datagrams) == 4, timeout=5)
+        first, second, third, fourth = (d.decode().split("\n") for d in server.datagrams)
+        assert first == ["p.total_submissions:1|c", "p.successful_parses:1|c", "p.latency_ms:12.500000|ms",
+                         "p.cxone_status.200:1|c"]
+        assert second == ["p.total_submissions:1|c", "p.validation_failures:1|c"]
+        assert third == ["p.total_submissions:1|c", "p.submission_failures:1|c", "p.cxone_status.404:1|c"]
+        assert fourth == ["p.total_submissions:1|c", "p.submission_failures:1|c"]
+    finally:
+        server.close()
