@@ -284,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
-        peer = "%s:%s" % self.client_address[:2]
+        peer = "{}:{}".format(*self.client_address[:2])
         answer = self.server.simulator.handle(self.command, self.path, headers, body, peer)
         if answer.delay_s:
             time.sleep(answer.delay_s)

@@ -149,7 +149,7 @@ def test_builtin_plugins_resolve_from_an_installed_package(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(ROOT)], check=True, capture_output=True)
     code = ("import dtmf_service.builtin_plugins.file as f, dtmf_service;"
-            "print(f.__file__.startswith(%r), dtmf_service.__file__.startswith(%r))" % (str(target), str(target)))
+            f"print(f.__file__.startswith({str(target)!r}), dtmf_service.__file__.startswith({str(target)!r}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True"]
