@@ -123,8 +123,14 @@ class MetricsSchema(Schema):
     submission_failures = fields.Integer(required=True)
     average_latency_ms = fields.Float(required=True, allow_none=True)
     accuracy_rate = fields.Float(required=True, allow_none=True)
-    audit_dropped = fields.Integer()
-    audit = fields.Dict(keys=fields.String(), values=fields.Dict())
+    audit_pending = fields.Integer(required=True, metadata={"description": "events not yet delivered, all sinks"})
+    audit_dropped = fields.Integer(required=True, metadata={"description": "events dropped by a full spool"})
+    audit_sinks = fields.Dict(
+        keys=fields.String(),
+        values=fields.Dict(keys=fields.String(), values=fields.Integer()),
+        required=True,
+        metadata={"description": "per sink: audit_pending, audit_delivered, audit_failed_attempts"},
+    )
 
 
 class HealthSchema(Schema):

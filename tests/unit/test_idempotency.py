@@ -1,0 +1,105 @@
+"""CONTRACT.md section 9: Idempotency-Key on the SQLite store."""
+
+import threading
+
+import pytest
+
+from tests.conftest import VALID
+
+
+def post(client, body=VALID, key="order-1", headers=None):
+    return client.post("/api/dtmf/parse", json=body, headers={"Idempotency-Key": key, **(headers or {})})
+
+
+def dtmf_calls(app):
+    return len(app.extensions["dtmf"].session.get_adapter("http://cxone-sandbox.invalid/").simulator.seen("dtmf"))
+
+
+def test_repeat_returns_the_stored_response_without_calling_cxone(app, client):
+    first = post(client)
+    second = post(client)
+    assert first.status_code == second.status_code == 200
+    assert first.get_json() == second.get_json()
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert dtmf_calls(app) == 1
+
+
+def test_replays_are_not_counted_again(client):
+    post(client)
+    post(client)
+    assert client.get("/api/metrics").get_json()["total_submissions"] == 1
+
+
+def test_same_key_different_body_is_422(client):
+    post(client)
+    response = post(client, {**VALID, "digits": "9"})
+    assert response.status_code == 422
+    assert response.get_json()["status"] == "idempotency_conflict"
+
+
+def test_repeat_while_in_flight_is_409(app, client):
+    simulator = app.extensions["dtmf"].session.get_adapter("http://cxone-sandbox.invalid/").simulator
+    simulator.script("dtmf:call-1", [{"status": 200, "delay_s": 0.8, "body": {"ok": True}}])
+    result = {}
+    first = threading.Thread(target=lambda: result.setdefault("first", post(app.test_client())))
+    first.start()
+    import time
+
+    deadline = time.monotonic() + 5
+    while not simulator.seen("dtmf") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = post(client)
+    first.join(5)
+    assert second.status_code == 409
+    assert second.get_json()["status"] == "idempotency_in_progress"
+    assert result["first"].status_code == 200
+
+
+def test_failed_validation_does_not_store_the_key(client):
+    assert post(client, {**VALID, "digits": "x"}).status_code == 400
+    assert post(client).status_code == 200
+
+
+def test_errors_from_cxone_are_stored_and_replayed(app, client):
+    response = post(client, {**VALID, "interaction_id": "missing-9"})
+    replay = post(client, {**VALID, "interaction_id": "missing-9"})
+    assert response.status_code == replay.status_code == 404
+    assert replay.headers["Idempotent-Replayed"] == "true"
+
+
+def test_rate_limited_answer_is_not_stored_so_a_retry_is_processed(app, client):
+    simulator = app.extensions["dtmf"].session.get_adapter("http://cxone-sandbox.invalid/").simulator
+    simulator.script("dtmf:call-1", [{"status": 429, "headers": {"Retry-After": "0"}}] * 3)
+    assert post(client).status_code == 503
+    retried = post(client)
+    assert retried.status_code == 200
+    assert "Idempotent-Replayed" not in retried.headers
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
+def test_malformed_key_is_400(client, key):
+    response = client.post("/api/dtmf/parse", json=VALID, headers={"Idempotency-Key": key.encode("utf-8").decode(
+        "latin-1")})
+    assert response.status_code == 400
+    assert response.get_json()["status"] == "invalid_request"
+
+
+def test_keys_are_scoped_to_the_api_key(make_app):
+    client = make_app(API_KEYS=["a-key-1", "b-key-2"]).test_client()
+    first = post(client, headers={"Authorization": "Bearer a-key-1"})
+    other = post(client, {**VALID, "digits": "7"}, headers={"Authorization": "Bearer b-key-2"})
+    assert first.status_code == other.status_code == 200
+    assert "Idempotent-Replayed" not in other.headers
+
+
+def test_expired_keys_are_processed_again(make_app):
+    app = make_app(IDEMPOTENCY_TTL_S=1)
+    client = app.test_client()
+    post(client)
+    import time
+
+    time.sleep(1.1)
+    again = post(client)
+    assert again.status_code == 200
+    assert "Idempotent-Replayed" not in again.headers
