@@ -15,7 +15,7 @@ class TokenError(Exception):
 @dataclass(frozen=True)
 class Token:
     value: str
-    expires_at: float  # on the cache's monotonic clock
+    refresh_at: float  # on the cache's monotonic clock
 
 
 class _Flight:
@@ -53,7 +53,7 @@ class TokenCache:
         """Return a valid access token, fetching one if needed."""
         with self._lock:
             token = self._token
-            if token is not None and self._clock() < token.expires_at - self._margin_s:
+            if token is not None and self._clock() < token.refresh_at:
                 return token.value
             flight = self._flight
             leader = flight is None
@@ -78,7 +78,9 @@ class TokenCache:
     def _lead(self, flight: _Flight) -> None:
         try:
             value, expires_in = self._fetch()
-            flight.token = Token(value, self._clock() + float(expires_in))
+            lifetime = max(float(expires_in), 0.0)
+            # A token shorter-lived than the margin is still used for half its life, not refetched per call.
+            flight.token = Token(value, self._clock() + lifetime - min(self._margin_s, lifetime / 2))
         except TokenError as exc:
             flight.error = exc
         except Exception as exc:  # noqa: BLE001 - never let one thread's surprise strand the waiters

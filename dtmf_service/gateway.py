@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import requests
-from flask import Request, Response
+from flask import Request, Response, g
 
 from . import metrics as shared_metrics
 from .auth import TokenCache
@@ -53,6 +53,7 @@ class Gateway:
         self.delivery = DeliveryEngine(sinks, config, self.counters)
         self.idempotency = Idempotency.from_config(config)
         self._openapi: dict[str, Any] | None = None
+        self._closed = False
 
     # -- callers -------------------------------------------------------------------------------
     def authenticate(self, request: Request) -> Response | None:
@@ -78,8 +79,6 @@ class Gateway:
     # -- audit and metrics ---------------------------------------------------------------------
     def record(self, attempt: Attempt, client_ip: str | None, latency_ms: float) -> dict[str, Any]:
         """Build the audit event once, hand it to every exporter and sink, each isolated."""
-        from flask import g
-
         event = build_event(
             client_ip=client_ip,
             sent=attempt.sent,
@@ -128,7 +127,10 @@ class Gateway:
         return self._openapi
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Flush audit delivery (spooling what cannot be sent) and close plugins."""
+        """Flush audit delivery (spooling what cannot be sent) and close plugins; once."""
+        if self._closed:
+            return
+        self._closed = True
         self.delivery.close(timeout_s)
         for name, exporter in self.exporters.items():
             closer = getattr(exporter, "close", None)

@@ -147,3 +147,36 @@ def test_sigterm_during_a_retry_wait_completes_the_request_and_keeps_its_event(
     spooled = [p for p in (tmp_path / "spool").rglob("*.jsonl")]
     assert event_ids or spooled
     assert len(file_ids(tmp_path)) == 1
+
+
+def test_sighup_reload_with_the_webhook_down_loses_nothing(tmp_path, sim_url, gateway_env, webhook, udp_servers):
+    syslog, statsd = udp_servers
+    webhook.stop()
+    env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port)}
+    server = Gunicorn(env, workers=2, log_path=tmp_path / "g.log").start()
+    try:
+        assert send_many(server.url, [VALID] * 60) == [200] * 60
+        wait_until(lambda: len(file_ids(tmp_path)) == 60, timeout=20)
+        expected = set(file_ids(tmp_path))
+        old_workers = set(server.worker_pids())
+        server.proc.send_signal(signal.SIGHUP)  # new workers start, old ones finish and spool
+        wait_until(lambda: not (set(server.worker_pids()) & old_workers) and len(server.worker_pids()) == 2,
+                   timeout=30)
+        webhook.start()
+        wait_until(lambda: set(webhook.ids()) >= expected, timeout=30)
+    finally:
+        server.stop()
+
+
+def test_unauthenticated_requests_are_neither_counted_nor_audited(tmp_path, sim_url, gateway_env, start_gunicorn,
+                                                                  webhook, udp_servers):
+    syslog, statsd = udp_servers
+    env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port),
+           "DTMF_API_KEYS": "k-1", "DTMF_METRICS_PUBLIC": "true"}
+    gateway = start_gunicorn(env, workers=2)
+    assert post(gateway.url, VALID).status_code == 401
+    assert post(gateway.url, VALID, {"Authorization": "Bearer k-1"}).status_code == 200
+    wait_until(lambda: len(file_ids(tmp_path)) == 1, timeout=10)
+    time.sleep(0.3)
+    assert len(file_ids(tmp_path)) == 1
+    assert requests.get(f"{gateway.url}/api/metrics", timeout=5).json()["total_submissions"] == 1

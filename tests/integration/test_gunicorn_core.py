@@ -94,3 +94,18 @@ def test_metrics_survive_a_worker_restart(gateway):
     wait_until(lambda: victim not in gateway.worker_pids() and len(gateway.worker_pids()) == 4, timeout=15)
     for _ in range(8):
         assert requests.get(f"{gateway.url}/api/metrics", timeout=5).json()["successful_parses"] == 20
+
+
+def test_failing_token_endpoint_is_not_hammered(gateway, sim):
+    sim.configure(client_id="someone-else", client_secret="x")  # every token request fails
+
+    def send(_):
+        with requests.Session() as session:
+            return session.post(f"{gateway.url}/api/dtmf/parse", json=VALID, timeout=30).status_code
+
+    sim.configure(delay_s=0.3)  # slow failures: concurrent requests pile onto the same fetch
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(send, range(32)))
+    assert statuses == [502] * 32
+    # One fetch at a time per worker, shared by its waiting threads: far fewer than 32.
+    assert len(sim.seen("token")) <= 16

@@ -165,7 +165,7 @@ def test_second_401_is_502(make_client, sim):
 
 
 def test_expired_token_is_refreshed_mid_way(make_client, sim):
-    sim.configure(token_ttl_s=31)  # valid for 1 s once the 30 s margin is taken off
+    sim.configure(token_ttl_s=2)  # shorter than the 30 s margin: used for half its life, 1 s
     client = make_client()
     assert submit(client).http_status == 200
     import time

@@ -110,3 +110,14 @@ def test_unexpected_fetch_error_becomes_token_error_without_detail():
     with pytest.raises(TokenError) as info:
         TokenCache(fetch).get()
     assert "hunter2" not in str(info.value)
+
+
+def test_token_shorter_lived_than_the_margin_is_used_for_half_its_life():
+    clock = Clock()
+    tokens = iter(["t1", "t2"])
+    cache = TokenCache(lambda: (next(tokens), 20), margin_s=30, clock=clock)
+    assert cache.get() == "t1"
+    clock.now += 9.9
+    assert cache.get() == "t1"
+    clock.now += 0.2
+    assert cache.get() == "t2"
