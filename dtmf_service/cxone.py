@@ -15,12 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import requests
-import urllib3.exceptions
-
 from .auth import TokenCache, TokenError
 from .dialects import Dialect
 from .retry import backoff_delay, is_retryable_status, parse_retry_after
+from .transport import Answer, NotSent, Transport, Unknown
 
 RESPONSE_EXCERPT_CHARS = 1024
 
@@ -38,31 +36,6 @@ class SubmitResult:
     retry_after_s: int | None = None
 
 
-class _NotSent(Exception):
-    """The connection never opened: CXone cannot have seen the request."""
-
-
-class _Unknown(Exception):
-    """The request may have reached CXone, but no answer came back."""
-
-
-def classify_transport_error(exc: requests.RequestException) -> type[Exception]:
-    """_NotSent when nothing reached CXone, else _Unknown (the safe default)."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return _NotSent
-    if isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.ReadTimeout):
-        reason: BaseException | None = exc.args[0] if exc.args else None
-        seen = 0
-        while reason is not None and seen < 8:
-            if isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)):
-                return _NotSent
-            if isinstance(reason, urllib3.exceptions.SSLError):
-                return _NotSent  # the handshake failed before any byte of the request left
-            reason = getattr(reason, "reason", None) or reason.__cause__ or reason.__context__
-            seen += 1
-    return _Unknown
-
-
 class CXoneClient:
     """Submits digits to CXone through a dialect, with token reuse and backoff."""
 
@@ -70,7 +43,7 @@ class CXoneClient:
         self,
         config: Mapping[str, Any],
         dialect: Dialect,
-        session: requests.Session,
+        transport: Transport,
         tokens: TokenCache,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -78,7 +51,7 @@ class CXoneClient:
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._dialect = dialect
-        self._session = session
+        self._transport = transport
         self._tokens = tokens
         self._sleep = sleep
         self._clock = clock
@@ -87,7 +60,6 @@ class CXoneClient:
         self._max_attempts = int(config["CXONE_MAX_ATTEMPTS"])
         self._base_s = float(config["CXONE_BACKOFF_BASE_S"])
         self._max_s = float(config["CXONE_BACKOFF_MAX_S"])
-        self._timeout = (float(config["CXONE_CONNECT_TIMEOUT_S"]), float(config["CXONE_READ_TIMEOUT_S"]))
 
     def submit(self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str) -> SubmitResult:
         """Send the digits; never raises for upstream trouble."""
@@ -105,10 +77,10 @@ class CXoneClient:
             attempts += 1
             try:
                 response = self._post(url, body, token, extra)
-            except _NotSent:
+            except NotSent:
                 last = (None, None, None)
                 wait = backoff_delay(retries, self._base_s, self._max_s, self._rand)
-            except _Unknown:
+            except Unknown:
                 return SubmitResult(
                     504,
                     "submission_unknown",
@@ -119,7 +91,7 @@ class CXoneClient:
                     "played, so they were not sent again",
                 )
             else:
-                status, text = response.status_code, response.text[:RESPONSE_EXCERPT_CHARS]
+                status, text = response.status, response.text[:RESPONSE_EXCERPT_CHARS]
                 last = (status, text, response.headers.get("Retry-After"))
                 if 200 <= status < 300:
                     return SubmitResult(200, "dtmf_submitted", status, text, attempts)
@@ -140,17 +112,14 @@ class CXoneClient:
             retries += 1
         return self._give_up(last, attempts)
 
-    def _post(self, url: str, body: bytes, token: str, extra: dict[str, str]) -> requests.Response:
+    def _post(self, url: str, body: bytes, token: str, extra: dict[str, str]) -> Answer:
         headers = {
             "Authorization": f"Bearer {token}",
             "Content-Type": "application/json",
             "Accept": "application/json",
             **extra,
         }
-        try:
-            return self._session.post(url, data=body, headers=headers, timeout=self._timeout)
-        except requests.RequestException as exc:
-            raise classify_transport_error(exc)() from None
+        return self._transport.post(url, body, headers)
 
     def _give_up(self, last: tuple[int | None, str | None, str | None], attempts: int) -> SubmitResult:
         status, text, retry_after = last

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import logging
 import tempfile
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -21,6 +20,8 @@ from .errors import error_response
 from .events import Redactor, build_event
 from .idempotency import Idempotency
 from .pluginmanager import build_plugin_manager, resolve
+from .simulator import Simulator, SimulatorAdapter
+from .transport import PooledTransport, SimulatorTransport, Transport
 
 if TYPE_CHECKING:
     from .api import Attempt
@@ -33,14 +34,20 @@ CORE_COUNTERS = ("successful_parses", "validation_failures", "submission_failure
 class Gateway:
     """Everything one application instance needs to serve a request."""
 
-    def __init__(self, config: dict[str, Any], session: requests.Session | None = None) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.max_body = int(config["MAX_CONTENT_LENGTH"])
         self.mode = "sandbox" if is_sandbox(config) else "cxone"
-        self.session = session or _make_session(config, self.mode)
+        self.simulator = Simulator("http://cxone-sandbox.invalid") if self.mode == "sandbox" else None
+        self.session = _make_session(self.simulator)
+        self.transport: Transport = (
+            SimulatorTransport(self.simulator)
+            if self.simulator is not None
+            else PooledTransport(float(config["CXONE_CONNECT_TIMEOUT_S"]), float(config["CXONE_READ_TIMEOUT_S"]))
+        )
         dialect = make_dialect(config, self.session)
         self.tokens = TokenCache(dialect.fetch_token, margin_s=float(config["CXONE_TOKEN_REFRESH_MARGIN_S"]))
-        self.client = CXoneClient(config, dialect, self.session, self.tokens)
+        self.client = CXoneClient(config, dialect, self.transport, self.tokens)
         self.redactor = Redactor(config)
         self._api_keys = [k.encode() for k in config["API_KEYS"]]
         if not config.get("METRICS_DIR"):
@@ -140,17 +147,14 @@ class Gateway:
                 except Exception as exc:  # noqa: BLE001
                     log.error("metrics exporter %r failed to close: %s", name, type(exc).__name__)
         self.idempotency.close()
+        self.transport.close()
 
 
-def _make_session(config: Mapping[str, Any], mode: str) -> requests.Session:
+def _make_session(simulator: Simulator | None) -> requests.Session:
+    """The session for token requests and discovery (the DTMF POST goes through the transport)."""
     session = requests.Session()
     # Proxies and netrc from the environment have no business on a CXone call path.
     session.trust_env = False
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=128)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    if mode == "sandbox":
-        from .simulator import Simulator, SimulatorAdapter
-
-        session.mount("http://cxone-sandbox.invalid/", SimulatorAdapter(Simulator("http://cxone-sandbox.invalid")))
+    if simulator is not None:
+        session.mount("http://cxone-sandbox.invalid/", SimulatorAdapter(simulator))
     return session

@@ -14,6 +14,7 @@ from dtmf_service import config as cfg
 from dtmf_service.auth import TokenCache
 from dtmf_service.cxone import CXoneClient
 from dtmf_service.dialects import make_dialect
+from dtmf_service.transport import PooledTransport
 
 
 class FakeTime:
@@ -39,10 +40,10 @@ def make_client(upstream_config, fake_time):
     def factory(**overrides):
         config = {**upstream_config, "CXONE_BACKOFF_BASE_S": 1.0, "CXONE_BACKOFF_MAX_S": 8.0, **overrides}
         cfg.finalise(config)
-        session = requests.Session()
-        dialect = make_dialect(config, session)
+        dialect = make_dialect(config, requests.Session())
         tokens = TokenCache(dialect.fetch_token)
-        return CXoneClient(config, dialect, session, tokens, sleep=fake_time.sleep, clock=fake_time.clock,
+        transport = PooledTransport(config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
+        return CXoneClient(config, dialect, transport, tokens, sleep=fake_time.sleep, clock=fake_time.clock,
                            wall_clock=lambda: 1_800_000_000.0, rand=lambda: 1.0)
 
     return factory
@@ -195,10 +196,9 @@ def test_connect_failure_is_retried_then_502(upstream_config, closed_port, fake_
     config = {**upstream_config, "CXONE_BASE_URL": f"http://127.0.0.1:{closed_port}/api/v2",
               "CXONE_TOKEN_URL": upstream_config["CXONE_BASE_URL"] + "/oauth/token"}
     cfg.finalise(config)
-    session = requests.Session()
-    dialect = make_dialect(config, session)
-    client = CXoneClient(config, dialect, session, TokenCache(dialect.fetch_token), sleep=fake_time.sleep,
-                         clock=fake_time.clock, rand=lambda: 1.0)
+    dialect = make_dialect(config, requests.Session())
+    client = CXoneClient(config, dialect, PooledTransport(3, 15), TokenCache(dialect.fetch_token),
+                         sleep=fake_time.sleep, clock=fake_time.clock, rand=lambda: 1.0)
     result = client.submit("call-1", "1", 5000, "c")
     assert (result.http_status, result.status, result.cxone_status, result.attempts) == (
         502, "submission_failed", None, 3)
@@ -223,9 +223,8 @@ def test_rejected_credentials_are_502_with_a_clear_error(make_client, sim):
 def test_unreachable_token_endpoint_is_502(upstream_config, closed_port, fake_time):
     config = {**upstream_config, "CXONE_TOKEN_URL": f"http://127.0.0.1:{closed_port}/token"}
     cfg.finalise(config)
-    session = requests.Session()
-    dialect = make_dialect(config, session)
-    client = CXoneClient(config, dialect, session, TokenCache(dialect.fetch_token), sleep=fake_time.sleep,
-                         clock=fake_time.clock)
+    dialect = make_dialect(config, requests.Session())
+    client = CXoneClient(config, dialect, PooledTransport(3, 15), TokenCache(dialect.fetch_token),
+                         sleep=fake_time.sleep, clock=fake_time.clock)
     result = client.submit("call-1", "1", 5000, "c")
     assert (result.http_status, result.cxone_status) == (502, None)

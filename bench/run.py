@@ -1,0 +1,319 @@
+"""Benchmark: the gateway against its floor, same gunicorn settings, same run, alternating.
+
+    python -m bench.run            # full: about 3-4 minutes
+    python -m bench.run --quick    # under a minute
+
+Loopback only. Every load is wrk with a fixed duration and connection count.
+Prints a table and writes bench/results/<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        return shutil.which("wrk") or "/usr/bin/wrk"
+    sys.exit("wrk is not installed: apt-get install wrk")
+
+
+class UdpDrain:
+    """A UDP socket that swallows datagrams (statsd and syslog receivers)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.count = 0
+        self.running = True
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while self.running:
+            try:
+                self.sock.recv(65536)
+                self.count += 1
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self.running = False
+        self.sock.close()
+
+
+@dataclass
+class Result:
+    target: str  # floor | gateway | gateway+plugins
+    delay_ms: int
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_request: float
+    peak_rss_mb: float
+    requests: int
+    non_200: int
+    audit_drain_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def proc_cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    peak = 0
+    for pid in pids:
+        try:
+            match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+        except OSError:
+            continue
+        if match:
+            peak += int(match.group(1))
+    return peak / 1024
+
+
+class Server:
+    """gunicorn with gunicorn.conf.py defaults (the same for the floor and the gateway)."""
+
+    def __init__(self, app: str, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}", app],
+            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{app} did not start")
+
+    def pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [self.proc.pid, *(int(p) for p in out.split())]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+def run_wrk(wrk: str, url: str, connections: int, seconds: float, burst_share: float = 0.0) -> dict[str, Any]:
+    threads = min(connections, 2)
+    proc = subprocess.run(
+        [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
+         "-s", str(ROOT / "bench" / "post.lua"), f"{url}/api/dtmf/parse"],
+        capture_output=True, text=True, env={**os.environ, "BURST_SHARE": str(burst_share)},
+        timeout=seconds + 60,
+    )
+    out = proc.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    ok, other = (int(x) for x in re.search(r"STATUS ok=(\d+) other=(\d+)", out).groups())
+    p50, p99 = (float(x) for x in re.search(r"LATENCY p50=([\d.]+) p99=([\d.]+)", out).groups())
+    return {"rps": rps, "requests": total, "ok": ok, "other": other, "p50_ms": p50, "p99_ms": p99,
+            "seconds": seconds}
+
+
+def measure(wrk: str, server: Server, target: str, delay_ms: int, connections: int, seconds: float,
+            warmup_s: float) -> Result:
+    run_wrk(wrk, server.url, connections, warmup_s)
+    pids = server.pids()
+    before = proc_cpu_ticks(pids)
+    load = run_wrk(wrk, server.url, connections, seconds)
+    cpu_ms = (proc_cpu_ticks(server.pids()) - before) * 1000 / TICK
+    result = Result(target, delay_ms, connections, load["rps"], load["p50_ms"], load["p99_ms"],
+                    cpu_ms / max(load["requests"], 1), peak_rss_mb(server.pids()), load["requests"], load["other"])
+    if target == "gateway+plugins":
+        started = time.monotonic()
+        while time.monotonic() - started < 30:
+            if requests.get(f"{server.url}/api/metrics", timeout=5).json()["audit_pending"] == 0:
+                result.audit_drain_s = round(time.monotonic() - started, 2)
+                break
+            time.sleep(0.1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer scenarios, shorter runs (under a minute)")
+    parser.add_argument("--seconds", type=float, help="seconds of load per run")
+    args = parser.parse_args(argv)
+    wrk = ensure_wrk()
+    seconds = args.seconds or (3.0 if args.quick else 8.0)
+    warmup = 1.0
+    delays = [0, 50]
+    connection_counts = [64] if args.quick else [16, 64]
+    targets = ["floor", "gateway"] if args.quick else ["floor", "gateway", "gateway+plugins"]
+    workdir = Path(tempfile.mkdtemp(prefix="dtmf-bench-"))
+    syslog, statsd = UdpDrain(), UdpDrain()
+    results: list[Result] = []
+    burst: dict[str, Any] = {}
+    try:
+        for delay in delays:
+            up_port = free_port()
+            upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(up_port),
+                                         "--delay-ms", str(delay)], cwd=ROOT, stdout=subprocess.DEVNULL)
+            time.sleep(0.5)
+            base = f"http://127.0.0.1:{up_port}/api/v2"
+            common = {"DTMF_ACCESS_LOG": "off", "DTMF_GUNICORN_LOG_LEVEL": "warning"}
+            envs = {
+                "floor": ("bench.floor_app:app", {**common, "FLOOR_CXONE_BASE_URL": base}),
+                "gateway": ("app:app", {**common, **gateway_env(base, workdir, "off")}),
+                "gateway+plugins": ("app:app", {**common, **gateway_env(base, workdir, "on", up_port, syslog.port,
+                                                                         statsd.port)}),
+            }
+            try:
+                for connections in connection_counts:
+                    for target in targets:  # alternating within the same upstream, so noise hits all alike
+                        app, env = envs[target]
+                        server = Server(app, env)
+                        try:
+                            result = measure(wrk, server, target, delay, connections, seconds, warmup)
+                        finally:
+                            server.stop()
+                        results.append(result)
+                        print(f"  {target:16} {delay:3d} ms {connections:3d} conn: {result.rps:8.0f} req/s "
+                              f"cpu {result.cpu_ms_per_request:.2f} ms/req", flush=True)
+                if delay == 0 and not args.quick:
+                    burst = burst_scenario(wrk, envs["gateway"], seconds, warmup)
+            finally:
+                upstream.terminate()
+                upstream.wait(5)
+    finally:
+        syslog.close()
+        statsd.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    report(results, burst, args.quick, seconds)
+    return 0
+
+
+def gateway_env(base: str, workdir: Path, plugins: str, up_port: int = 0, syslog_port: int = 0,
+                statsd_port: int = 0) -> dict[str, str]:
+    env = {"DTMF_CXONE_BASE_URL": base, "DTMF_CXONE_CLIENT_ID": "bench", "DTMF_CXONE_CLIENT_SECRET": "bench",
+           "DTMF_ALLOW_UNAUTHENTICATED": "true", "DTMF_AUDIT_SPOOL_DIR": str(workdir / f"spool-{plugins}"),
+           "DTMF_IDEMPOTENCY_STORE": f"sqlite:///{workdir / 'idem.db'}", "DTMF_METRICS_EXPORTERS": "memory",
+           "DTMF_LOG_LEVEL": "WARNING"}
+    if plugins == "on":
+        env.update({"DTMF_AUDIT_SINKS": "file,webhook,syslog", "DTMF_METRICS_EXPORTERS": "memory,statsd",
+                    "DTMF_AUDIT_FILE_PATH": str(workdir / "audit.jsonl"),
+                    "DTMF_AUDIT_WEBHOOK_URL": f"http://127.0.0.1:{up_port}/audit",
+                    "DTMF_AUDIT_SYSLOG_ADDRESS": f"udp://127.0.0.1:{syslog_port}",
+                    "DTMF_STATSD_PORT": str(statsd_port)})
+    return env
+
+
+def burst_scenario(wrk: str, gateway: tuple[str, dict[str, str]], seconds: float, warmup: float) -> dict[str, Any]:
+    """Throughput of normal callers without and with 10% of requests rate limited by CXone."""
+    app, env = gateway
+    figures = {}
+    for share in (0.0, 0.1):
+        server = Server(app, {**env, "DTMF_CXONE_BACKOFF_MAX_S": "1"})
+        try:
+            run_wrk(wrk, server.url, 64, warmup, share)
+            load = run_wrk(wrk, server.url, 64, seconds, share)
+        finally:
+            server.stop()
+        figures[f"share_{share}"] = load
+    base_ok = figures["share_0.0"]["ok"] / seconds
+    burst_ok = figures["share_0.1"]["ok"] / seconds
+    figures["normal_rps_without_burst"] = round(base_ok, 1)
+    figures["normal_rps_with_burst"] = round(burst_ok, 1)
+    figures["ratio"] = round(burst_ok / base_ok, 3) if base_ok else None
+    print(f"  429 burst (10% of requests): normal callers {burst_ok:.0f} req/s vs {base_ok:.0f} without "
+          f"({figures['ratio']})", flush=True)
+    return figures
+
+
+def report(results: list[Result], burst: dict[str, Any], quick: bool, seconds: float) -> None:
+    floors = {(r.delay_ms, r.connections): r for r in results if r.target == "floor"}
+    rows = []
+    header = (f"{'target':16} {'up ms':>5} {'conn':>4} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'cpu ms/req':>10} {'ratio':>6} {'rss MB':>7} {'non200':>6} {'audit 0 in':>10}")
+    print("\n" + header)
+    print("-" * len(header))
+    for r in results:
+        floor = floors.get((r.delay_ms, r.connections))
+        rps_ratio = r.rps / floor.rps if floor and floor.rps else None
+        cpu_ratio = r.cpu_ms_per_request / floor.cpu_ms_per_request if floor and floor.cpu_ms_per_request else None
+        drain = f"{r.audit_drain_s:.1f} s" if r.audit_drain_s is not None else ""
+        print(f"{r.target:16} {r.delay_ms:5d} {r.connections:4d} {r.rps:8.0f} {_fmt(rps_ratio):>6} {r.p50_ms:7.2f} "
+              f"{r.p99_ms:7.2f} {r.cpu_ms_per_request:10.2f} {_fmt(cpu_ratio):>6} {r.peak_rss_mb:7.1f} "
+              f"{r.non_200:6d} {drain:>10}")
+        rows.append({**asdict(r), "rps_ratio_to_floor": rps_ratio, "cpu_ratio_to_floor": cpu_ratio})
+    little = [r for r in results if r.delay_ms == 50 and r.connections == 64 and r.target == "gateway"]
+    if little:
+        print(f"\nLittle's law at 50 ms, 64 connections: 1280 req/s; gateway reached {little[0].rps:.0f} "
+              f"({little[0].rps / 1280:.2f})")
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = out_dir / f"{stamp}.json"
+    path.write_text(json.dumps({
+        "date": stamp, "quick": quick, "seconds_per_run": seconds, "cpus": os.cpu_count(),
+        "machine": os.uname().machine, "results": rows, "burst": burst,
+        "median_gateway_cpu_ratio": statistics.median([x["cpu_ratio_to_floor"] for x in rows
+                                                       if x["target"] == "gateway" and x["cpu_ratio_to_floor"]]
+                                                      or [0]),
+    }, indent=2))
+    print(f"\nwritten to {path.relative_to(ROOT)}")
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
