@@ -1,9 +1,10 @@
 """gunicorn settings for the DTMF gateway. Command-line flags override these.
 
-DTMF_BIND (127.0.0.1:8080), DTMF_WORKERS (one per core), DTMF_THREADS (32).
+DTMF_BIND (127.0.0.1:8080), DTMF_WORKERS (one per core), DTMF_THREADS (64).
 gthread workers: a request spends most of its life waiting on CXone, so
 threads, not processes, carry the concurrency (5 sync workers would cap the
-service at 100 requests/s against a 50 ms upstream).
+service at 100 requests/s against a 50 ms upstream). 64 threads leave room for requests that
+sleep out a 429 back-off without starving other callers; an idle thread costs little.
 """
 
 import json
@@ -16,7 +17,7 @@ from dtmf_service import metrics as _metrics
 bind = os.environ.get("DTMF_BIND", "127.0.0.1:8080")
 worker_class = "gthread"
 workers = int(os.environ.get("DTMF_WORKERS") or (os.cpu_count() or 1))
-threads = int(os.environ.get("DTMF_THREADS") or 32)
+threads = int(os.environ.get("DTMF_THREADS") or 64)
 # Above the longest request: retry budget plus one read timeout, with room to spare.
 _budget = float(os.environ.get("DTMF_CXONE_RETRY_BUDGET_S") or 10)
 _read = float(os.environ.get("DTMF_CXONE_READ_TIMEOUT_S") or 15)

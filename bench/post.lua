@@ -18,7 +18,7 @@ end
 
 function request()
   counter = counter + 1
-  if share > 0 and (counter % math.floor(1 / share)) == 0 then
+  if share >= 1 or (share > 0 and (counter % math.floor(1 / share)) == 0) then
     return wrk.format(nil, nil, nil, burst)
   end
   return wrk.format(nil, nil, nil, normal)
