@@ -1,6 +1,6 @@
 """Benchmark: the gateway against its floor, same gunicorn settings, same run, alternating.
 
-    python -m bench.run            # full: about 3-4 minutes
+    python -m bench.run            # full: 3 rounds, medians, under 5 minutes
     python -m bench.run --quick    # under a minute
 
 Loopback only. Every load is wrk with a fixed duration and connection count.
@@ -188,56 +188,93 @@ def measure(wrk: str, server: Server, target: str, delay_ms: int, connections: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer scenarios, shorter runs (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="fewer scenarios, one round (under a minute)")
     parser.add_argument("--seconds", type=float, help="seconds of load per run")
+    parser.add_argument("--rounds", type=int, help="rounds; each figure is the median over them")
     args = parser.parse_args(argv)
     wrk = ensure_wrk()
-    seconds = args.seconds or (3.0 if args.quick else 8.0)
+    seconds = args.seconds or (3.0 if args.quick else 4.0)
+    rounds = args.rounds or (1 if args.quick else 3)
     warmup = 1.0
     delays = [0, 50]
     connection_counts = [64] if args.quick else [16, 64]
     targets = ["floor", "gateway"] if args.quick else ["floor", "gateway", "gateway+plugins"]
     workdir = Path(tempfile.mkdtemp(prefix="dtmf-bench-"))
     syslog, statsd = UdpDrain(), UdpDrain()
-    results: list[Result] = []
+    runs: dict[tuple[str, int, int], list[Result]] = {}
     burst: dict[str, Any] = {}
+    upstream_p99: list[float] = []
     try:
-        for delay in delays:
-            up_port = free_port()
-            upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(up_port),
-                                         "--delay-ms", str(delay)], cwd=ROOT, stdout=subprocess.DEVNULL)
-            time.sleep(0.5)
-            base = f"http://127.0.0.1:{up_port}/api/v2"
-            common = {"DTMF_ACCESS_LOG": "off", "DTMF_GUNICORN_LOG_LEVEL": "warning"}
-            envs = {
-                "floor": ("bench.floor_app:app", {**common, "FLOOR_CXONE_BASE_URL": base}),
-                "gateway": ("app:app", {**common, **gateway_env(base, workdir, "off")}),
-                "gateway+plugins": ("app:app", {**common, **gateway_env(base, workdir, "on", up_port, syslog.port,
-                                                                         statsd.port)}),
-            }
-            try:
-                for connections in connection_counts:
-                    for target in targets:  # alternating within the same upstream, so noise hits all alike
+        for round_number in range(1, rounds + 1):
+            for delay in delays:
+                with Upstream(delay) as up_port:
+                    if delay == 50 and 16 in connection_counts:
+                        own = run_wrk(wrk, f"http://127.0.0.1:{up_port}", 16, seconds)
+                        upstream_p99.append(own["p99_ms"])
+                    base = f"http://127.0.0.1:{up_port}/api/v2"
+                    common = {"DTMF_ACCESS_LOG": "off", "DTMF_GUNICORN_LOG_LEVEL": "warning"}
+                    envs = {
+                        "floor": ("bench.floor_app:app", {**common, "FLOOR_CXONE_BASE_URL": base}),
+                        "gateway": ("app:app", {**common, **gateway_env(base, workdir, "off")}),
+                        "gateway+plugins": ("app:app", {**common, **gateway_env(
+                            base, workdir, "on", up_port, syslog.port, statsd.port)}),
+                    }
+                    for target in targets:  # alternating in the same round, so machine noise hits all alike
                         app, env = envs[target]
                         server = Server(app, env)
                         try:
-                            result = measure(wrk, server, target, delay, connections, seconds, warmup)
+                            for connections in connection_counts:
+                                result = measure(wrk, server, target, delay, connections, seconds, warmup)
+                                runs.setdefault((target, delay, connections), []).append(result)
+                                print(f"  round {round_number} {target:16} {delay:3d} ms {connections:3d} conn: "
+                                      f"{result.rps:8.0f} req/s cpu {result.cpu_ms_per_request:.2f} ms/req", flush=True)
                         finally:
                             server.stop()
-                        results.append(result)
-                        print(f"  {target:16} {delay:3d} ms {connections:3d} conn: {result.rps:8.0f} req/s "
-                              f"cpu {result.cpu_ms_per_request:.2f} ms/req", flush=True)
-                if delay == 0 and not args.quick:
-                    burst = burst_scenario(wrk, envs["gateway"], seconds, warmup)
-            finally:
-                upstream.terminate()
-                upstream.wait(5)
+                    if delay == 0 and round_number == rounds and not args.quick:
+                        burst = burst_scenario(wrk, envs["gateway"], seconds * 2, warmup)
     finally:
         syslog.close()
         statsd.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    report(results, burst, args.quick, seconds)
+    results = [_median(found) for found in runs.values()]
+    report(results, burst, args.quick, seconds, rounds, statistics.median(upstream_p99) if upstream_p99 else None)
     return 0
+
+
+class Upstream:
+    """bench/upstream.py in a subprocess on a free port."""
+
+    def __init__(self, delay_ms: int) -> None:
+        self.delay_ms = delay_ms
+
+    def __enter__(self) -> int:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(self.port),
+                                      "--delay-ms", str(self.delay_ms)], cwd=ROOT, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            time.sleep(0.05)
+        return self.port
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+def _median(found: list[Result]) -> Result:
+    """Each figure the median over the rounds."""
+    first = found[0]
+
+    def med(name: str) -> Any:
+        values = [getattr(r, name) for r in found if getattr(r, name) is not None]
+        return statistics.median(values) if values else None
+
+    return Result(first.target, first.delay_ms, first.connections, med("rps"), med("p50_ms"), med("p99_ms"),
+                  med("cpu_ms_per_request"), med("peak_rss_mb"), int(med("requests")), int(med("non_200")),
+                  med("audit_drain_s"), {"rounds": len(found), "rps_each": [round(r.rps) for r in found]})
 
 
 def gateway_env(base: str, workdir: Path, plugins: str, up_port: int = 0, syslog_port: int = 0,
@@ -289,7 +326,8 @@ def burst_scenario(wrk: str, gateway: tuple[str, dict[str, str]], seconds: float
     return figures
 
 
-def report(results: list[Result], burst: dict[str, Any], quick: bool, seconds: float) -> None:
+def report(results: list[Result], burst: dict[str, Any], quick: bool, seconds: float, rounds: int,
+           upstream_p99: float | None) -> None:
     floors = {(r.delay_ms, r.connections): r for r in results if r.target == "floor"}
     rows = []
     header = (f"{'target':16} {'up ms':>5} {'conn':>4} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
@@ -305,22 +343,65 @@ def report(results: list[Result], burst: dict[str, Any], quick: bool, seconds: f
               f"{r.p99_ms:7.2f} {r.cpu_ms_per_request:10.2f} {_fmt(cpu_ratio):>6} {r.peak_rss_mb:7.1f} "
               f"{r.non_200:6d} {drain:>10}")
         rows.append({**asdict(r), "rps_ratio_to_floor": rps_ratio, "cpu_ratio_to_floor": cpu_ratio})
-    little = [r for r in results if r.delay_ms == 50 and r.connections == 64 and r.target == "gateway"]
-    if little:
-        print(f"\nLittle's law at 50 ms, 64 connections: 1280 req/s; gateway reached {little[0].rps:.0f} "
-              f"({little[0].rps / 1280:.2f})")
+    checks = targets_met(results, burst, upstream_p99)
+    if checks:
+        print("\ntargets (issue 5):")
+        for name, value, ok in checks:
+            print(f"  {'PASS' if ok else 'MISS'}  {name}: {value}")
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     path = out_dir / f"{stamp}.json"
     path.write_text(json.dumps({
-        "date": stamp, "quick": quick, "seconds_per_run": seconds, "cpus": os.cpu_count(),
-        "machine": os.uname().machine, "results": rows, "burst": burst,
+        "date": stamp, "quick": quick, "seconds_per_run": seconds, "rounds": rounds, "cpus": os.cpu_count(),
+        "machine": os.uname().machine, "results": rows, "burst": burst, "upstream_p99_ms_16conn": upstream_p99,
+        "targets": [{"target": n, "value": v, "met": ok} for n, v, ok in checks],
         "median_gateway_cpu_ratio": statistics.median([x["cpu_ratio_to_floor"] for x in rows
                                                        if x["target"] == "gateway" and x["cpu_ratio_to_floor"]]
                                                       or [0]),
     }, indent=2))
     print(f"\nwritten to {path.relative_to(ROOT)}")
+
+
+def targets_met(results: list[Result], burst: dict[str, Any],
+                upstream_p99: float | None) -> list[tuple[str, str, bool]]:
+    """Each target of issue 5 that this run measured: (name, measured value, met)."""
+    by = {(r.target, r.delay_ms, r.connections): r for r in results}
+    checks: list[tuple[str, str, bool]] = []
+
+    def ratio(target: str, delay: int, conns: int, attr: str) -> float | None:
+        mine, floor = by.get((target, delay, conns)), by.get(("floor", delay, conns))
+        if mine is None or floor is None or not getattr(floor, attr):
+            return None
+        return getattr(mine, attr) / getattr(floor, attr)
+
+    for conns in (16, 64):
+        for target, rps_min, cpu_max in (("gateway", 0.85, 1.2), ("gateway+plugins", 0.70, 1.5)):
+            rps = ratio(target, 0, conns, "rps")
+            if rps is not None:
+                checks.append((f"{target} req/s >= {rps_min} x floor (0 ms, {conns} conn)", f"{rps:.2f}",
+                               rps >= rps_min))
+            cpu = ratio(target, 0, conns, "cpu_ms_per_request")
+            if cpu is not None:
+                checks.append((f"{target} CPU/req <= {cpu_max} x floor (0 ms, {conns} conn)", f"{cpu:.2f}",
+                               cpu <= cpu_max))
+    gw, floor = by.get(("gateway", 50, 64)), by.get(("floor", 50, 64))
+    if gw and floor:
+        checks.append(("gateway req/s >= floor at 50 ms, 64 conn", f"{gw.rps:.0f} vs {floor.rps:.0f}",
+                       gw.rps >= floor.rps))
+        checks.append(("stretch: 0.9 of Little's law (1150 req/s) at 50 ms, 64 conn", f"{gw.rps:.0f}",
+                       gw.rps >= 1150))
+    gw16 = by.get(("gateway", 50, 16))
+    if gw16 and upstream_p99 is not None:
+        checks.append(("p99 at 50 ms, 16 conn <= upstream p99 + 15 ms",
+                       f"{gw16.p99_ms:.1f} vs {upstream_p99:.1f} + 15", gw16.p99_ms <= upstream_p99 + 15))
+    drains = [r.audit_drain_s for r in results if r.target == "gateway+plugins"]
+    if drains:
+        worst = max(d if d is not None else float("inf") for d in drains)
+        checks.append(("audit_pending back to 0 within 5 s", f"{worst:.1f} s", worst <= 5))
+    if burst.get("ratio") is not None:
+        checks.append(("429 burst costs other callers <= 10%", f"{burst['ratio']:.3f}", burst["ratio"] >= 0.9))
+    return checks
 
 
 def _fmt(value: float | None) -> str:

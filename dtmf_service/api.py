@@ -94,7 +94,7 @@ def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, b
         return _submit(gw, attempt, valid, started), True
     # Validation failures above are never stored; only requests that reach CXone claim the key.
     scope = request.headers.get("Authorization", "")
-    return gw.idempotency.run(key, scope, raw, lambda: _submit(gw, attempt, valid, started))
+    return gw.idempotency.run(key, scope, raw, lambda: _submit(gw, attempt, valid, started), valid["digits"])
 
 
 def _submit(gw: Gateway, attempt: Attempt, valid: dict[str, Any], started: float) -> Response:

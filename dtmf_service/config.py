@@ -78,6 +78,7 @@ KEYS: dict[str, Key] = {
     "AUDIT_SPOOL_MAX_MB": _k(512.0, "float", minimum=0.001, maximum=1024 * 1024),
     "AUDIT_QUEUE_SIZE": _k(10000, "int", minimum=1, maximum=10_000_000),
     "AUDIT_BATCH_SIZE": _k(100, "int", minimum=1, maximum=10000),
+    "AUDIT_BATCH_WAIT_S": _k(0.05, "float", minimum=0, maximum=10),
     "AUDIT_RETRY_ATTEMPTS": _k(3, "int", minimum=1, maximum=100),
     "AUDIT_BACKOFF_BASE_S": _k(0.5, "float", minimum=0, maximum=600),
     "AUDIT_BACKOFF_MAX_S": _k(30.0, "float", minimum=0, maximum=3600),
@@ -206,6 +207,7 @@ def finalise(config: dict[str, Any]) -> None:
     """Apply defaults, convert types, derive URLs and check combinations, in place."""
     for name, key in KEYS.items():
         config[name] = normalise(name, key, config.get(name))
+    config.pop("SANDBOX", None)  # derived below, never taken from the environment or a file
     config["SANDBOX"] = is_sandbox(config)
     _derive_urls(config)
     _check_combinations(config)

@@ -38,6 +38,7 @@ class SinkWorker:
         self._counters = counters
         self._queue_size = int(config["AUDIT_QUEUE_SIZE"])
         self._batch_size = int(config["AUDIT_BATCH_SIZE"])
+        self._linger_s = float(config.get("AUDIT_BATCH_WAIT_S", 0.05))
         self._attempts = int(config["AUDIT_RETRY_ATTEMPTS"])
         self._base_s = float(config["AUDIT_BACKOFF_BASE_S"])
         self._max_s = float(config["AUDIT_BACKOFF_MAX_S"])
@@ -116,6 +117,9 @@ class SinkWorker:
             first = self._queue.get(timeout=wait_s)
         except queue.Empty:
             return []
+        if self._linger_s and self._queue.qsize() < self._batch_size - 1:
+            # Let a batch gather: one wake-up and one write (or fsync) per batch, not per event.
+            self._stop.wait(self._linger_s)
         batch = [first]
         while len(batch) < self._batch_size:
             try:

@@ -45,6 +45,13 @@ class Redactor:
             return "hmac-sha256:" + hmac.new(self._hash_key, digits.encode(), hashlib.sha256).hexdigest()
         return digits
 
+    def scrub(self, text: str | None, digits: Any, sequence_key: Any) -> str | None:
+        """CXone's answer with any echo of the digits redacted as the digits themselves are."""
+        if not text or not isinstance(digits, str) or not digits:
+            return text
+        redacted = self.redact(digits, sequence_key)
+        return text if redacted == digits else text.replace(digits, redacted)
+
     def _is_sensitive(self, sequence_key: Any) -> bool:
         if not self._sensitive:
             return False
@@ -104,7 +111,7 @@ def build_event(
         "node_transition": field("node_transition_flag"),
         "latency_ms": latency_ms,
         "cxone_status": cxone_status,
-        "cxone_response": cxone_response,
+        "cxone_response": redactor.scrub(cxone_response, raw_digits, source.get("sequence_matrix_key")),
         "validation_passed": valid is not None,
         "outcome": outcome,
     }

@@ -63,8 +63,15 @@ class Idempotency:
         in_flight = float(config["CXONE_RETRY_BUDGET_S"]) + float(config["CXONE_READ_TIMEOUT_S"]) + 30.0
         return cls(open_store(url), int(config["IDEMPOTENCY_TTL_S"]), in_flight)
 
-    def run(self, key: str, scope: str, raw_body: bytes, handle: Callable[[], Response]) -> tuple[Response, bool]:
-        """The response, and whether it was processed here (False: replayed or refused)."""
+    def run(
+        self, key: str, scope: str, raw_body: bytes, handle: Callable[[], Response], digits: str
+    ) -> tuple[Response, bool]:
+        """The response, and whether it was processed here (False: replayed or refused).
+
+        The stored body never holds the digits (a card number or PIN would sit in the store for a
+        day): they are blanked before storing and put back on replay, from this request, whose body
+        is byte-identical to the first one's.
+        """
         store_key = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
         fingerprint = hashlib.sha256(raw_body).hexdigest()
         existing = self.store.claim(store_key, fingerprint, self.in_flight_ttl_s)
@@ -77,7 +84,8 @@ class Idempotency:
                 return error_response(
                     409, "idempotency_in_progress", "a request with this Idempotency-Key is still being processed"
                 ), False
-            response = Response(existing.body, status=existing.status, mimetype="application/json")
+            response = Response(_with_digits(existing.body, digits), status=existing.status,
+                                mimetype="application/json")
             response.headers.update(existing.headers or {})
             response.headers["Idempotent-Replayed"] = "true"
             return response, False
@@ -93,13 +101,26 @@ class Idempotency:
             parsed = {}
         if _storable(response.status_code, parsed):
             headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else {}
-            self.store.finish(store_key, Stored("done", fingerprint, response.status_code, body, headers), self.ttl_s)
+            stored = Stored("done", fingerprint, response.status_code, _with_digits(body, ""), headers)
+            self.store.finish(store_key, stored, self.ttl_s)
         else:
             self.store.release(store_key, fingerprint)
         return response, True
 
     def close(self) -> None:
         self.store.close()
+
+
+def _with_digits(body: str, digits: str) -> str:
+    """The body with its "digits" field set to ``digits`` (same key order, same separators)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(data, dict) or "digits" not in data:
+        return body
+    data["digits"] = digits
+    return json.dumps(data, separators=(",", ":"))
 
 
 def open_store(url: str) -> Any:

@@ -76,3 +76,20 @@ def test_sensitive_keys_are_always_masked(mode):
 def test_invalid_digits_are_redacted_too():
     e = event(Redactor({"AUDIT_DIGITS": "masked"}), sent={"digits": "4111 1111"}, invalid_fields={"digits"})
     assert e["digits"] == "*********"
+
+
+def test_cxone_echo_of_the_digits_is_redacted_too():
+    e = event(Redactor({"AUDIT_DIGITS": "masked"}), sent=VALID, valid=VALID, cxone_response='{"played":"1234"}')
+    assert e["cxone_response"] == '{"played":"****"}'
+    full = event(Redactor({}), sent=VALID, valid=VALID, cxone_response='{"played":"1234"}')
+    assert full["cxone_response"] == '{"played":"1234"}'
+
+
+def test_sandbox_cannot_be_forced_from_the_environment():
+    from dtmf_service import config as cfg
+
+    config = {"SANDBOX": True, "CXONE_INSTANCE": "acme", "CXONE_CLIENT_ID": "i", "CXONE_CLIENT_SECRET": "s",
+              "ALLOW_UNAUTHENTICATED": True}
+    cfg.finalise(config)
+    assert config["SANDBOX"] is False
+    assert config["CXONE_BASE_URL"] == "https://acme/api/v2"

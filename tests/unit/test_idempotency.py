@@ -103,3 +103,15 @@ def test_expired_keys_are_processed_again(make_app):
     again = post(client)
     assert again.status_code == 200
     assert "Idempotent-Replayed" not in again.headers
+
+
+def test_the_store_never_holds_the_digits(app, client, tmp_path):
+    import sqlite3
+
+    first = post(client, {**VALID, "digits": "4111111111111111"})
+    replay = post(client, {**VALID, "digits": "4111111111111111"})
+    assert replay.get_json() == first.get_json()
+    assert replay.get_json()["digits"] == "4111111111111111"
+    path = app.config["IDEMPOTENCY_STORE"][len("sqlite:///"):]
+    rows = sqlite3.connect(path).execute("SELECT body FROM idempotency").fetchall()
+    assert rows and all("4111" not in (body or "") for (body,) in rows)
