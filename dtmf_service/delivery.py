@@ -117,6 +117,7 @@ class SinkWorker:
             first = self._queue.get(timeout=wait_s)
         except queue.Empty:
             return []
+        self._inflight = [first]  # taken off the queue: still pending for flush() and shutdown
         if self._linger_s and self._queue.qsize() < self._batch_size - 1:
             # Let a batch gather: one wake-up and one write (or fsync) per batch, not per event.
             self._stop.wait(self._linger_s)
