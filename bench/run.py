@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for round_number in range(1, rounds + 1):
             for delay in delays:
-                with Upstream(delay) as up_port:
+                with Upstream(delay) as up_port, Upstream(0) as receiver_port:
                     if delay == 50 and 16 in connection_counts:
                         own = run_wrk(wrk, f"http://127.0.0.1:{up_port}", 16, seconds)
                         upstream_p99.append(own["p99_ms"])
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                         "floor": ("bench.floor_app:app", {**common, "FLOOR_CXONE_BASE_URL": base}),
                         "gateway": ("app:app", {**common, **gateway_env(base, workdir, "off")}),
                         "gateway+plugins": ("app:app", {**common, **gateway_env(
-                            base, workdir, "on", up_port, syslog.port, statsd.port)}),
+                            base, workdir, "on", receiver_port, syslog.port, statsd.port)}),
                     }
                     for target in targets:  # alternating in the same round, so machine noise hits all alike
                         app, env = envs[target]
@@ -277,7 +277,7 @@ def _median(found: list[Result]) -> Result:
                   med("audit_drain_s"), {"rounds": len(found), "rps_each": [round(r.rps) for r in found]})
 
 
-def gateway_env(base: str, workdir: Path, plugins: str, up_port: int = 0, syslog_port: int = 0,
+def gateway_env(base: str, workdir: Path, plugins: str, receiver_port: int = 0, syslog_port: int = 0,
                 statsd_port: int = 0) -> dict[str, str]:
     env = {"DTMF_CXONE_BASE_URL": base, "DTMF_CXONE_CLIENT_ID": "bench", "DTMF_CXONE_CLIENT_SECRET": "bench",
            "DTMF_ALLOW_UNAUTHENTICATED": "true", "DTMF_AUDIT_SPOOL_DIR": str(workdir / f"spool-{plugins}"),
@@ -286,7 +286,7 @@ def gateway_env(base: str, workdir: Path, plugins: str, up_port: int = 0, syslog
     if plugins == "on":
         env.update({"DTMF_AUDIT_SINKS": "file,webhook,syslog", "DTMF_METRICS_EXPORTERS": "memory,statsd",
                     "DTMF_AUDIT_FILE_PATH": str(workdir / "audit.jsonl"),
-                    "DTMF_AUDIT_WEBHOOK_URL": f"http://127.0.0.1:{up_port}/audit",
+                    "DTMF_AUDIT_WEBHOOK_URL": f"http://127.0.0.1:{receiver_port}/audit",
                     "DTMF_AUDIT_SYSLOG_ADDRESS": f"udp://127.0.0.1:{syslog_port}",
                     "DTMF_STATSD_PORT": str(statsd_port)})
     return env

@@ -85,6 +85,7 @@ KEYS: dict[str, Key] = {
     "AUDIT_WEBHOOK_URL": _k(None, "str"),
     "AUDIT_WEBHOOK_SECRET": _k(None, "secret"),
     "AUDIT_WEBHOOK_TIMEOUT_S": _k(5.0, "float", minimum=0.001, maximum=600),
+    "AUDIT_WEBHOOK_CONCURRENCY": _k(8, "int", minimum=1, maximum=64),
     "AUDIT_FILE_PATH": _k(None, "str"),
     "AUDIT_FILE_FSYNC": _k("batch", "choice", choices=("always", "batch", "never")),
     "AUDIT_SYSLOG_ADDRESS": _k("/dev/log", "str"),

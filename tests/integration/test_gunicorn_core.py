@@ -2,13 +2,14 @@
 
 import os
 import signal
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import post, wait_until
+from tests.helpers import BIN, ROOT, free_port, post, wait_until
 from tests.integration.conftest import dialect_env
 
 pytestmark = pytest.mark.slow
@@ -109,3 +110,42 @@ def test_failing_token_endpoint_is_not_hammered(gateway, sim):
     assert statuses == [502] * 32
     # One fetch at a time per worker, shared by its waiting threads: far fewer than 32.
     assert len(sim.seen("token")) <= 16
+
+
+def test_gunicorn_conf_reads_bind_workers_threads_from_the_environment(tmp_path, gateway_env):
+    port = free_port()
+    env = {**os.environ, **gateway_env, "DTMF_BIND": f"127.0.0.1:{port}", "DTMF_WORKERS": "3",
+           "DTMF_THREADS": "5"}
+    proc = subprocess.Popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: _healthy(f"http://127.0.0.1:{port}"), timeout=20)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 3
+        threads = len(os.listdir(f"/proc/{workers[0]}/task"))
+        assert threads >= 2  # the gthread pool is created lazily; its bound (5) is gunicorn's
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.mark.parametrize("bad, key", [({"DTMF_CXONE_MAX_ATTEMPTS": "lots"}, "CXONE_MAX_ATTEMPTS"),
+                                      ({"DTMF_AUDIT_SINKS": "kafka"}, "AUDIT_SINKS")])
+def test_bad_configuration_stops_gunicorn_with_one_line(tmp_path, gateway_env, bad, key):
+    log = tmp_path / "g.log"
+    env = {**os.environ, **gateway_env, **bad}
+    with open(log, "wb") as out:
+        proc = subprocess.run([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind",
+                               f"127.0.0.1:{free_port()}", "--workers", "2", "app:app"], cwd=ROOT, env=env,
+                              stdout=out, stderr=out, timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in log.read_text().splitlines() if "configuration error" in line]
+    assert lines and all(key in line for line in lines)
+    assert "Traceback" not in log.read_text()
+
+
+def _healthy(url):
+    try:
+        return requests.get(f"{url}/healthz", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False

@@ -15,7 +15,7 @@ from plugins.file import FileSink
 from plugins.statsd import StatsdExporter
 from plugins.syslog import SyslogSink
 from plugins.webhook import WebhookSink, signature
-from tests.helpers import UdpReceiver, WebhookReceiver, wait_until
+from tests.helpers import ROOT, UdpReceiver, WebhookReceiver, wait_until
 
 LOCAL0_INFO = 16 * 8 + 6
 
@@ -54,22 +54,22 @@ def test_webhook_signature_verifies_with_the_documented_snippet(receiver):
     WebhookSink(receiver.url, 5, "whsec_test").deliver(make_event())
     header = receiver.headers[0]["X-DTMF-Signature"]
     body = receiver.bodies[0]
-    # The receiver-side snippet from README.md, verbatim.
-    import hmac as _hmac, hashlib as _hashlib, time as _time  # noqa: E401, I001
-
-    def verify(secret: str, header: str, body: bytes, tolerance_s: int = 300) -> bool:
-        parts = dict(item.split("=", 1) for item in header.split(","))
-        timestamp, received = parts.get("t", ""), parts.get("v1", "")
-        if not timestamp.isdigit() or abs(_time.time() - int(timestamp)) > tolerance_s:
-            return False
-        expected = _hmac.new(secret.encode(), timestamp.encode() + b"." + body, _hashlib.sha256).hexdigest()
-        return _hmac.compare_digest(expected, received)
-
+    verify = readme_verify()
     assert verify("whsec_test", header, body)
     assert not verify("other", header, body)
     assert not verify("whsec_test", header, body + b" ")
     old = signature("whsec_test", int(time.time()) - 301, body)
     assert not verify("whsec_test", old, body)
+
+
+def readme_verify():
+    """The receiver-side snippet of README.md, executed as written there."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in readme.split("```python")[1:] if "def verify(" in b).split("```")[0]
+    assert len(block.strip().splitlines()) <= 10
+    namespace = {}
+    exec(block, namespace)
+    return namespace["verify"]
 
 
 def test_signature_format():
@@ -183,3 +183,20 @@ def test_statsd_names_one_datagram_per_request():
         assert fourth == ["p.total_submissions:1|c", "p.submission_failures:1|c"]
     finally:
         server.close()
+
+
+def test_webhook_batches_go_out_concurrently(receiver):
+    receiver.delay_s = 0.2
+    sink = WebhookSink(receiver.url, 5, None, concurrency=8)
+    events = [make_event() for _ in range(8)]
+    started = time.monotonic()
+    sink.deliver_many(events)
+    assert time.monotonic() - started < 1.0  # 8 x 0.2 s serially would be 1.6 s
+    assert sorted(receiver.ids()) == sorted(e["event_id"] for e in events)
+    sink.close()
+
+
+def test_webhook_batch_fails_as_a_whole(receiver):
+    receiver.status = 503
+    with pytest.raises(RuntimeError):
+        WebhookSink(receiver.url, 5, None).deliver_many([make_event(), make_event()])
