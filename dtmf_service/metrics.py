@@ -67,7 +67,7 @@ class SharedCounters:
                 values = _read_file(path)
             except (OSError, ValueError):
                 continue  # a file being created right now; next read sees it
-            alive = _alive(pid)
+            alive = pid_alive(pid)
             for name, value in values.items():
                 if name in self._gauges and not alive:
                     continue
@@ -136,7 +136,8 @@ def _read_file(path: str) -> dict[str, float]:
     return {name: _SLOT.unpack_from(data, _HEADER + i * _SLOT.size)[0] for i, name in enumerate(names)}
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (ours, or another user's)."""
     if pid == os.getpid():
         return True
     try:

@@ -256,7 +256,7 @@ class SimulatorAdapter(BaseAdapter):
         if answer.delay_s:
             time.sleep(answer.delay_s)
         if answer.drop:
-            raise requests.ConnectionError(urllib3_protocol_error(), request=request)
+            raise requests.ConnectionError("simulated: connection dropped after the request", request=request)
         response = requests.Response()
         response.status_code = answer.status
         response.headers = CaseInsensitiveDict({"Content-Type": "application/json", **answer.headers})
@@ -268,12 +268,6 @@ class SimulatorAdapter(BaseAdapter):
 
     def close(self) -> None:
         pass
-
-
-def urllib3_protocol_error() -> Exception:
-    import urllib3.exceptions
-
-    return urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError("simulated drop"))
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from .metrics import pid_alive
+
 log = logging.getLogger("dtmf_service.audit")
 
 _SEGMENT = re.compile(r"^(\d{20})-(\d+)-(\d+)-n(\d+)\.jsonl$")
@@ -153,7 +155,7 @@ class Spool:
             if not name.startswith(_TMP_PREFIX):
                 continue
             pid = name[len(_TMP_PREFIX) :].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 try:
                     os.unlink(os.path.join(self.directory, name))
                 except FileNotFoundError:
@@ -185,13 +187,3 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -18,7 +18,7 @@ import requests
 
 from ..auth import TokenCache, TokenError
 from ..config import ConfigError
-from .common import read_token_response
+from .common import request_token
 
 _FOREVER_S = 10.0**9
 
@@ -108,16 +108,7 @@ class AgentDialect:
 
     def fetch_token(self) -> tuple[str, float]:
         url = self.token_endpoint.get()
-        try:
-            response = self._session.post(
-                url,
-                data=self._form,
-                headers={"Authorization": self._authorization, "Accept": "application/json"},
-                timeout=self._timeout,
-            )
-        except requests.RequestException as exc:
-            raise TokenError(f"could not reach the CXone token endpoint ({type(exc).__name__})") from None
-        return read_token_response(response)
+        return request_token(self._session, url, self._form, {"Authorization": self._authorization}, self._timeout)
 
     def dtmf_request(
         self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str

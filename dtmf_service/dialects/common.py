@@ -7,6 +7,24 @@ import requests
 from ..auth import TokenError
 
 
+def request_token(
+    session: requests.Session,
+    url: str,
+    form: dict[str, str],
+    headers: dict[str, str],
+    timeout: tuple[float, float],
+) -> tuple[str, float]:
+    """POST a token form and read the answer; TokenError on any failure.
+
+    requests URL-encodes every value of a dict body: '&', '=', '+' in a secret arrive intact.
+    """
+    try:
+        response = session.post(url, data=form, headers={"Accept": "application/json", **headers}, timeout=timeout)
+    except requests.RequestException as exc:
+        raise TokenError(f"could not reach the CXone token endpoint ({type(exc).__name__})") from None
+    return read_token_response(response)
+
+
 def read_token_response(response: requests.Response) -> tuple[str, float]:
     """``(access_token, expires_in)`` from a token endpoint's answer, or TokenError.
 

@@ -9,8 +9,7 @@ from urllib.parse import quote
 
 import requests
 
-from ..auth import TokenError
-from .common import read_token_response
+from .common import request_token
 
 
 class TutorialDialect:
@@ -32,17 +31,7 @@ class TutorialDialect:
         self._budget_s = config["CXONE_RETRY_BUDGET_S"]
 
     def fetch_token(self) -> tuple[str, float]:
-        try:
-            # requests URL-encodes every value of a dict body: '&', '=', '+' in a secret arrive intact.
-            response = self._session.post(
-                self._token_url,
-                data=self._form,
-                headers={"Accept": "application/json"},
-                timeout=self._timeout,
-            )
-        except requests.RequestException as exc:
-            raise TokenError(f"could not reach the CXone token endpoint ({type(exc).__name__})") from None
-        return read_token_response(response)
+        return request_token(self._session, self._token_url, self._form, {}, self._timeout)
 
     def dtmf_request(
         self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str
