@@ -12,7 +12,7 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .errors import error_response, json_response
+from .errors import error_response, json_response, log_exception
 from .gateway import Gateway
 from .idempotency import valid_key
 from .schemas import DTMFRequestSchema, summarise
@@ -42,7 +42,7 @@ def parse() -> Response:
     try:
         response, counted = _process(gw, attempt, started)
     except Exception as exc:  # noqa: BLE001 - the caller gets 500 with no detail; the log gets the type
-        log.error("request %s failed unexpectedly: %s", g.get("request_id"), type(exc).__name__, exc_info=exc)
+        log_exception(log, f"request {g.get('request_id')} failed unexpectedly", exc)
         attempt.outcome = "internal_error"
         response, counted = error_response(500, "internal_error"), True
     if counted:
@@ -144,7 +144,20 @@ def _read_body(gw: Gateway) -> bytes:
         raise RequestEntityTooLarge()
     if request.mimetype != "application/json":
         raise UnsupportedMediaType()
+    if request.content_length is None and request.environ.get("wsgi.input_terminated"):
+        # Chunked: werkzeug would silently cut the body at the limit; read one byte past it instead.
+        return _read_limited(request.environ["wsgi.input"], gw.max_body)
     return request.get_data(cache=False)
+
+
+def _read_limited(stream: Any, limit: int) -> bytes:
+    chunks, total = [], 0
+    while chunk := stream.read(min(65536, limit + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise RequestEntityTooLarge()
+    return b"".join(chunks)
 
 
 def _parse_object(raw: bytes) -> dict[str, Any]:

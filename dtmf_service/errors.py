@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from typing import Any
 
 from flask import Flask, Response
@@ -17,6 +18,12 @@ _MESSAGES = {
     413: "request body larger than the limit",
     415: "Content-Type must be application/json",
 }
+
+
+def log_exception(logger: logging.Logger, what: str, exc: BaseException) -> None:
+    """Type and stack only: an exception's message can carry request data (digits), so it stays out."""
+    stack = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+    logger.error("%s: %s\n%s", what, type(exc).__name__, stack)
 
 
 def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -53,6 +60,6 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        # The type and traceback go to the log; the caller learns nothing of the internals.
-        log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
+        # The type and stack go to the log; the caller learns nothing of the internals.
+        log_exception(log, "unexpected error", exc)
         return error_response(500, "internal_error")

@@ -149,3 +149,24 @@ def _healthy(url):
         return requests.get(f"{url}/healthz", timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+@pytest.mark.parametrize("size, status", [(0, 200), (70000, 413)])
+def test_chunked_bodies_are_limited_too(gateway, size, status):
+    import http.client
+    import json as _json
+
+    body = _json.dumps({**VALID, "sequence_matrix_key": "k" * max(1, size)} if size else VALID).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    conn.putrequest("POST", "/api/dtmf/parse")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    for start in range(0, len(body), 8192):
+        chunk = body[start:start + 8192]
+        conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+    conn.send(b"0\r\n\r\n")
+    response = conn.getresponse()
+    payload = _json.loads(response.read())
+    assert response.status == status
+    assert payload["status"] == ("dtmf_submitted" if status == 200 else "invalid_request")

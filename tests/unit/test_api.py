@@ -209,3 +209,21 @@ def test_digits_never_reach_application_logs(client, caplog):
         post(client, {**VALID, "digits": secret + "9"})
         post(client, {**VALID, "digits": secret, "timeout_ms": 1})
     assert secret not in caplog.text
+
+
+def test_unexpected_error_messages_stay_out_of_the_log(app, client, caplog):
+    class Broken:
+        def submit(self, interaction_id, digits, *args):
+            raise ValueError(f"upstream said {digits}")
+
+    app.extensions["dtmf"].client = Broken()
+    with caplog.at_level(logging.ERROR):
+        assert post(client, {**VALID, "digits": "98765"}).status_code == 500
+    assert "ValueError" in caplog.text
+    assert "98765" not in caplog.text
+
+
+def test_healthz_makes_no_upstream_call(make_app, upstream_config, sim):
+    client = make_app(**upstream_config).test_client()
+    assert client.get("/healthz").status_code == 200
+    assert list(sim.requests) == []
