@@ -71,12 +71,19 @@ class PooledTransport:
         self._timeout = urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s)
         # block=False: a burst beyond pool_size opens extra connections instead of queueing callers.
         self._pools = urllib3.PoolManager(num_pools=8, maxsize=pool_size, block=False, retries=False)
+        self._origins: dict[str, urllib3.HTTPConnectionPool] = {}
 
     def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
+        scheme_end = url.index("://") + 3
+        path_start = url.find("/", scheme_end)
+        origin, path = (url, "/") if path_start < 0 else (url[:path_start], url[path_start:])
         try:
-            response = self._pools.urlopen(
-                "POST", url, body=body, headers=headers, timeout=self._timeout,
-                retries=False, redirect=False, preload_content=True,
+            pool = self._origins.get(origin)
+            if pool is None:  # one URL parse per origin, not per call
+                pool = self._origins[origin] = self._pools.connection_from_url(origin)
+            response = pool.urlopen(
+                "POST", path, body=body, headers=headers, timeout=self._timeout,
+                retries=False, redirect=False, preload_content=True, assert_same_host=False,
             )
         except urllib3.exceptions.HTTPError as exc:
             raise classify(exc)() from None
@@ -85,6 +92,7 @@ class PooledTransport:
         return _Answer(response.status, response.headers, response.data.decode("utf-8", "replace"))
 
     def close(self) -> None:
+        self._origins.clear()
         self._pools.clear()
 
 
