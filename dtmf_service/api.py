@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -12,6 +11,7 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .body import BadRequest, UnsupportedMediaType, parse_object, read_body
 from .errors import error_response, json_response, log_exception
 from .gateway import Gateway
 from .idempotency import valid_key
@@ -21,10 +21,6 @@ log = logging.getLogger("dtmf_service")
 bp = Blueprint("dtmf", __name__)
 _schema = DTMFRequestSchema()
 _MAX_FIELD_NAME = 64
-
-
-class BadRequest(Exception):
-    """The body is not a UTF-8 JSON object: 400 invalid_request."""
 
 
 def gateway() -> Gateway:
@@ -69,7 +65,7 @@ def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, b
     """The response, and whether this request counts (replays and idempotency refusals do not)."""
     attempt.outcome = "invalid_request"
     try:
-        raw = _read_body(gw)
+        raw = read_body(request.environ, gw.max_body)
     except RequestEntityTooLarge:
         return error_response(413, "invalid_request", f"request body larger than {gw.max_body} bytes"), True
     except UnsupportedMediaType:
@@ -79,7 +75,7 @@ def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, b
         error = "Idempotency-Key must be 1 to 255 printable ASCII characters"
         return error_response(400, "invalid_request", error), True
     try:
-        attempt.sent = _parse_object(raw)
+        attempt.sent = parse_object(raw)
     except BadRequest as exc:
         return error_response(400, "invalid_request", str(exc)), True
     try:
@@ -121,74 +117,6 @@ def _submit(gw: Gateway, attempt: Attempt, valid: dict[str, Any], started: float
     return error_response(
         result.http_status, result.status, result.error, headers=headers, cxone_status=result.cxone_status
     )
-
-
-class UnsupportedMediaType(Exception):
-    pass
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        # Two parsers could disagree on which value wins: refuse instead of guessing.
-        raise ValueError("duplicate key in JSON object")
-    return result
-
-
-def _read_body(gw: Gateway) -> bytes:
-    """The raw body, straight from the WSGI environ (werkzeug's request properties cost more here)."""
-    environ = request.environ
-    length_text = environ.get("CONTENT_LENGTH") or ""
-    length = max(int(length_text), 0) if length_text.isdigit() else None
-    if length is not None and length > gw.max_body:
-        raise RequestEntityTooLarge()
-    if environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType()
-    stream = environ["wsgi.input"]
-    if length is None:
-        # Chunked: read one byte past the limit (werkzeug would silently cut the body at it).
-        return _read_limited(stream, gw.max_body) if environ.get("wsgi.input_terminated") else b""
-    return _read_exact(stream, length)
-
-
-def _read_exact(stream: Any, length: int) -> bytes:
-    """Never read past Content-Length: some servers hand over the raw socket."""
-    chunks, left = [], length
-    while left > 0 and (chunk := stream.read(min(65536, left))):
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _read_limited(stream: Any, limit: int) -> bytes:
-    chunks, total = [], 0
-    while chunk := stream.read(min(65536, limit + 1 - total)):
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > limit:
-            raise RequestEntityTooLarge()
-    return b"".join(chunks)
-
-
-def _parse_object(raw: bytes) -> dict[str, Any]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("body is not valid UTF-8") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
-    except RecursionError:
-        raise BadRequest("body is not valid JSON: nested too deeply") from None
-    except ValueError as exc:
-        reason = "duplicate key in JSON object" if "duplicate key" in str(exc) else "body is not valid JSON"
-        raise BadRequest(reason) from None
-    if not isinstance(data, dict):
-        raise BadRequest("body must be a JSON object")
-    return data
 
 
 def _flatten(messages: Any) -> dict[str, list[str]]:

@@ -1,0 +1,83 @@
+"""Reading and parsing the request body: size, media type, strict JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from werkzeug.exceptions import RequestEntityTooLarge
+
+
+class BadRequest(Exception):
+    """The body is not a UTF-8 JSON object: 400 invalid_request."""
+
+
+class UnsupportedMediaType(Exception):
+    """Content-Type is not application/json: 415."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        # Two parsers could disagree on which value wins: refuse instead of guessing.
+        raise ValueError("duplicate key in JSON object")
+    return result
+
+
+def read_body(environ: dict[str, Any], max_body: int) -> bytes:
+    """The raw body, straight from the WSGI environ (werkzeug's request properties cost more here).
+
+    RequestEntityTooLarge over ``max_body``, UnsupportedMediaType unless application/json.
+    """
+    length_text = environ.get("CONTENT_LENGTH") or ""
+    length = max(int(length_text), 0) if length_text.isdigit() else None
+    if length is not None and length > max_body:
+        raise RequestEntityTooLarge()
+    if environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType()
+    stream = environ["wsgi.input"]
+    if length is None:
+        # Chunked: read one byte past the limit (werkzeug would silently cut the body at it).
+        return _read_limited(stream, max_body) if environ.get("wsgi.input_terminated") else b""
+    return _read_exact(stream, length)
+
+
+def _read_exact(stream: Any, length: int) -> bytes:
+    """Never read past Content-Length: some servers hand over the raw socket."""
+    chunks, left = [], length
+    while left > 0 and (chunk := stream.read(min(65536, left))):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_limited(stream: Any, limit: int) -> bytes:
+    chunks, total = [], 0
+    while chunk := stream.read(min(65536, limit + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise RequestEntityTooLarge()
+    return b"".join(chunks)
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """A UTF-8 JSON object, strictly: no duplicate keys, no NaN or Infinity; else BadRequest."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("body is not valid UTF-8") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise BadRequest("body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        reason = "duplicate key in JSON object" if "duplicate key" in str(exc) else "body is not valid JSON"
+        raise BadRequest(reason) from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
