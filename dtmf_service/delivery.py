@@ -55,6 +55,7 @@ class SinkWorker:
         self._next_scan = 0.0
         self._prefix = f"audit.{name}."
         counters.declare_gauges([self._prefix + "pending"])
+        counters.declare([self._prefix + "delivered", self._prefix + "failed_attempts", "audit_dropped"])
 
     # -- request side --------------------------------------------------------------------------
     def submit(self, event: dict[str, Any]) -> None:
@@ -63,13 +64,17 @@ class SinkWorker:
         try:
             self._queue.put_nowait(event)
         except queue.Full:
-            try:
-                self.spool.append([event])
-            except OSError as exc:
-                self._dropped(1)
-                log.error("audit sink %s: queue full and spool not writable (%s): event dropped",
-                          self.name, exc.strerror)
+            self._spool([event])
         self._publish_pending()
+
+    def _spool(self, events: list[dict[str, Any]]) -> None:
+        """Park events on disk; a disk that refuses (full, read-only) costs them, counted and logged."""
+        try:
+            self.spool.append(events)
+        except OSError as exc:
+            self._dropped(len(events))
+            log.error("audit sink %s: spool not writable (%s): %d events dropped",
+                      self.name, exc.strerror, len(events))
 
     def _ensure_thread(self) -> None:
         pid = os.getpid()
@@ -103,7 +108,7 @@ class SinkWorker:
         if batch:
             self._inflight = batch
             if now < self._down_until:
-                self.spool.append(batch)  # sink is down: park on disk, do not hold memory
+                self._spool(batch)  # sink is down: park on disk, do not hold memory
             else:
                 self._deliver_or_spool(batch, tries=self._attempts)
             self._inflight = []
@@ -138,7 +143,7 @@ class SinkWorker:
                 return True
             if attempt + 1 < tries and self._stop.wait(backoff_delay(attempt, self._base_s, self._max_s)):
                 break  # shutting down: park what is left
-        self.spool.append(remaining)
+        self._spool(remaining)
         self._mark_down()
         return False
 
@@ -197,12 +202,7 @@ class SinkWorker:
             except queue.Empty:
                 break
         if leftovers:
-            try:
-                self.spool.append(leftovers)
-            except OSError as exc:
-                self._dropped(len(leftovers))
-                log.error("audit sink %s: could not spool %d events at shutdown (%s)",
-                          self.name, len(leftovers), exc.strerror)
+            self._spool(leftovers)
         self._inflight = []
         self._publish_pending()
 

@@ -54,6 +54,7 @@ class Gateway:
             # Outside gunicorn (tests, flask run) each application counts on its own.
             config["METRICS_DIR"] = tempfile.mkdtemp(prefix="dtmf-metrics-")
         self.counters = shared_metrics.shared_counters(config["METRICS_DIR"])
+        self.counters.declare(CORE_COUNTERS)
         self.plugins = build_plugin_manager(config)
         self.exporters = resolve(self.plugins, "exporter", config["METRICS_EXPORTERS"], config)
         sinks = resolve(self.plugins, "sink", config["AUDIT_SINKS"], config)

@@ -34,10 +34,18 @@ class SharedCounters:
         self._map: mmap.mmap | None = None
         self._slots: dict[str, int] = {}
         self._gauges: set[str] = set()
+        self._declared: list[str] = []
+
+    def declare(self, names: Iterable[str]) -> None:
+        """Names to lay out when a process opens its file, so its header is written once, up front."""
+        with self._lock:
+            self._declared.extend(n for n in names if n not in self._declared)
 
     def declare_gauges(self, names: Iterable[str]) -> None:
         """Mark names whose value is a level (summed over live processes), not a running total."""
+        names = list(names)
         self._gauges.update(names)
+        self.declare(names)
 
     def inc(self, name: str, amount: float = 1.0) -> None:
         with self._lock:
@@ -96,7 +104,10 @@ class SharedCounters:
             os.close(fd)
         names = _read_names(self._map)
         self._slots = {name: index for index, name in enumerate(names)}
-        if not names:
+        missing = [n for n in self._declared if n not in self._slots]
+        for name in missing:
+            self._slots[name] = len(self._slots)
+        if missing or not names:
             self._write_names()
         for gauge in self._gauges & set(self._slots):
             # A reused pid inherits a dead process's file: its levels are stale, its totals are not.

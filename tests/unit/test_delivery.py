@@ -217,3 +217,18 @@ def test_file_sink_lines_never_interleave_across_threads(tmp_path):
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
     assert len(lines) == 800
     assert all(json.loads(line)["pad"] == big for line in lines)
+
+
+def test_unwritable_spool_counts_the_events_as_dropped(config, counters, caplog):
+    sink = FlakySink()
+    sink.down = True
+    worker = SinkWorker("s", sink, config, counters)
+    # A file where the spool folder should be: every write fails, even for root.
+    os.rmdir(worker.spool.directory)
+    with open(worker.spool.directory, "w") as blocker:
+        blocker.write("not a folder")
+    with caplog.at_level(logging.ERROR, logger="dtmf_service.audit"):
+        worker.submit(make_event())
+        wait_until(lambda: counters.totals().get("audit_dropped", 0) == 1, timeout=10)
+    assert "spool not writable" in caplog.text
+    worker.close(1)
