@@ -52,13 +52,15 @@ def on_starting(server):
         os.environ["DTMF_METRICS_DIR"] = directory
     os.makedirs(directory, exist_ok=True)
     _metrics.wipe(directory)
-    # Fail fast in the master, with one line, on a bad configuration.
+    # Fail fast in the master, with one line, on a bad configuration or an unknown plugin name.
     from dtmf_service import config as cfg
+    from dtmf_service.pluginmanager import check_plugins
 
     probe = {}
     try:
         cfg.load_sources(probe)
         cfg.finalise(probe)
+        check_plugins(probe)
     except cfg.ConfigError as exc:
         logging.getLogger("gunicorn.error").error("dtmf-gateway: configuration error: %s", exc)
         raise SystemExit(4) from None

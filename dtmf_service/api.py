@@ -90,7 +90,14 @@ def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, b
         return _submit(gw, attempt, valid, started), True
     # Validation failures above are never stored; only requests that reach CXone claim the key.
     scope = request.headers.get("Authorization", "")
-    return gw.idempotency.run(key, scope, raw, lambda: _submit(gw, attempt, valid, started), valid["digits"])
+    response, processed = gw.idempotency.run(
+        key, scope, raw, lambda: _submit(gw, attempt, valid, started), valid["digits"]
+    )
+    if not processed:
+        # Not counted nor audited (nothing was sent), but an operator can still see it happened.
+        log.info("request %s: Idempotency-Key answered %d without calling CXone", g.get("request_id"),
+                 response.status_code)
+    return response, processed
 
 
 def _submit(gw: Gateway, attempt: Attempt, valid: dict[str, Any], started: float) -> Response:

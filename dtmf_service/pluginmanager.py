@@ -76,3 +76,13 @@ def resolve(pm: pluggy.PluginManager, kind: str, names: list[str], config: Mappi
             raise ConfigError(f"{key}: the plugin for {name!r} returned an object without {method}()")
         found[name] = instance
     return found
+
+
+def check_plugins(config: Mapping[str, Any]) -> None:
+    """Resolve every configured sink and exporter once, then close them: fail before forking workers."""
+    pm = build_plugin_manager(config)
+    for kind, key in (("sink", "AUDIT_SINKS"), ("exporter", "METRICS_EXPORTERS")):
+        for instance in resolve(pm, kind, list(config.get(key) or []), config).values():
+            closer = getattr(instance, "close", None)
+            if closer is not None:
+                closer()

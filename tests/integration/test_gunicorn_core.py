@@ -122,8 +122,6 @@ def test_gunicorn_conf_reads_bind_workers_threads_from_the_environment(tmp_path,
         wait_until(lambda: _healthy(f"http://127.0.0.1:{port}"), timeout=20)
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(workers) == 3
-        threads = len(os.listdir(f"/proc/{workers[0]}/task"))
-        assert threads >= 2  # the gthread pool is created lazily; its bound (5) is gunicorn's
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
