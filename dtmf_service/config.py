@@ -136,7 +136,8 @@ def _as_list(value: Any) -> list[str]:
 def normalise(name: str, key: Key, value: Any) -> Any:
     """Return ``value`` converted to the key's type, or raise ConfigError."""
     if value is None or (value == "" and key.kind not in {"list", "secret_list"}):
-        return key.default if value is None else None
+        # Unset, or set to nothing (a number or flag left empty): the default. An empty list is [].
+        return list(key.default) if isinstance(key.default, list) else key.default
     kind = key.kind
     if kind == "bool":
         return _as_bool(name, value)

@@ -115,3 +115,10 @@ def test_app_import_prints_one_line_and_exits_4_on_bad_config():
     assert proc.returncode == 4
     lines = proc.stderr.strip().splitlines()
     assert lines == ["dtmf-gateway: configuration error: CXONE_MAX_ATTEMPTS: expected an integer, got 'lots'"]
+
+
+def test_empty_values_mean_unset_and_empty_lists_mean_none():
+    config = loaded({"DTMF_CXONE_MAX_ATTEMPTS": "", "DTMF_METRICS_EXPORTERS": "", "DTMF_CXONE_INSTANCE": ""})
+    assert config["CXONE_MAX_ATTEMPTS"] == 3
+    assert config["METRICS_EXPORTERS"] == []
+    assert cfg.is_sandbox(config)
