@@ -16,55 +16,50 @@ class Clock:
         return self.now
 
 
-def test_fifty_concurrent_first_requests_cause_one_fetch():
-    calls = []
-    release = threading.Event()
+def gated_fetch(outcome):
+    """A fetch that blocks until released, counting its calls; returns or raises ``outcome``."""
+    calls, release = [], threading.Event()
 
     def fetch():
         calls.append(1)
         release.wait(5)
-        return "tok", 3600
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-    cache = TokenCache(fetch)
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get())) for _ in range(50)]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)
-    release.set()
-    for t in threads:
-        t.join(5)
-    assert len(calls) == 1
-    assert results == ["tok"] * 50
+    return fetch, calls, release
 
 
-def test_waiters_share_the_failure_of_the_one_fetch():
-    calls = []
-    release = threading.Event()
-
-    def fetch():
-        calls.append(1)
-        release.wait(5)
-        raise TokenError("authentication with CXone failed")
-
-    cache = TokenCache(fetch)
-    errors = []
+def get_from_threads(cache, count, release):
+    """``count`` threads call cache.get() while the first fetch is held; their results or errors."""
+    outcomes = []
 
     def worker():
         try:
-            cache.get()
+            outcomes.append(cache.get())
         except TokenError as exc:
-            errors.append(str(exc))
+            outcomes.append(str(exc))
 
-    threads = [threading.Thread(target=worker) for _ in range(20)]
+    threads = [threading.Thread(target=worker) for _ in range(count)]
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    time.sleep(0.2)  # every thread is now inside get(): the leader fetching, the rest waiting on it
     release.set()
     for t in threads:
         t.join(5)
+    return outcomes
+
+
+def test_fifty_concurrent_first_requests_cause_one_fetch():
+    fetch, calls, release = gated_fetch(("tok", 3600))
+    assert get_from_threads(TokenCache(fetch), 50, release) == ["tok"] * 50
     assert len(calls) == 1
-    assert errors == ["authentication with CXone failed"] * 20
+
+
+def test_waiters_share_the_failure_of_the_one_fetch():
+    fetch, calls, release = gated_fetch(TokenError("authentication with CXone failed"))
+    assert get_from_threads(TokenCache(fetch), 20, release) == ["authentication with CXone failed"] * 20
+    assert len(calls) == 1
 
 
 def test_failure_is_not_cached_the_next_request_tries_again():
