@@ -18,9 +18,20 @@ bind = os.environ.get("DTMF_BIND", "127.0.0.1:8080")
 worker_class = "gthread"
 workers = int(os.environ.get("DTMF_WORKERS") or (os.cpu_count() or 1))
 threads = int(os.environ.get("DTMF_THREADS") or 64)
-# Above the longest request: retry budget plus one read timeout, with room to spare.
-_budget = float(os.environ.get("DTMF_CXONE_RETRY_BUDGET_S") or 10)
-_read = float(os.environ.get("DTMF_CXONE_READ_TIMEOUT_S") or 15)
+
+
+def _seconds(name, default):
+    # A bad value is reported, with one line, by the configuration check in on_starting.
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+# Above the longest request: retry budget plus one read timeout, with room to spare (from the
+# environment: set these two there, not only in DTMF_CONFIG_FILE, if you raise them).
+_budget = _seconds("DTMF_CXONE_RETRY_BUDGET_S", 10.0)
+_read = _seconds("DTMF_CXONE_READ_TIMEOUT_S", 15.0)
 timeout = int(_budget + _read + 10)
 # In-flight requests finish, then the audit queues are spooled (worker_exit).
 graceful_timeout = int(_budget + _read + 10)
