@@ -11,6 +11,7 @@ Answers that say the digits certainly did not reach CXone (503 rate limited,
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import sqlite3
@@ -51,17 +52,19 @@ def _storable(status: int, body: Mapping[str, Any]) -> bool:
 class Idempotency:
     """Runs a request at most once per key, on a shared store."""
 
-    def __init__(self, store: Any, ttl_s: int, in_flight_ttl_s: float) -> None:
+    def __init__(self, store: Any, ttl_s: int, in_flight_ttl_s: float, hash_key: str | None = None) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self.in_flight_ttl_s = in_flight_ttl_s
+        # The body holds the digits: with a key, its fingerprint cannot be brute-forced from a leaked store.
+        self._hash_key = hash_key.encode() if hash_key else None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Idempotency:
         url = config.get("IDEMPOTENCY_STORE") or f"sqlite:///{os.path.abspath(os.path.join('var', 'idempotency.db'))}"
         # A crashed worker's marker must not block the key forever: it lapses after the longest possible request.
         in_flight = float(config["CXONE_RETRY_BUDGET_S"]) + float(config["CXONE_READ_TIMEOUT_S"]) + 30.0
-        return cls(open_store(url), int(config["IDEMPOTENCY_TTL_S"]), in_flight)
+        return cls(open_store(url), int(config["IDEMPOTENCY_TTL_S"]), in_flight, config.get("AUDIT_HASH_KEY"))
 
     def run(
         self, key: str, scope: str, raw_body: bytes, handle: Callable[[], Response], digits: str
@@ -73,7 +76,11 @@ class Idempotency:
         is byte-identical to the first one's.
         """
         store_key = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
-        fingerprint = hashlib.sha256(raw_body).hexdigest()
+        fingerprint = (
+            hmac.new(self._hash_key, raw_body, hashlib.sha256).hexdigest()
+            if self._hash_key
+            else hashlib.sha256(raw_body).hexdigest()
+        )
         existing = self.store.claim(store_key, fingerprint, self.in_flight_ttl_s)
         if existing is not None:
             if existing.fingerprint != fingerprint:

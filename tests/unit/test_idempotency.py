@@ -115,3 +115,16 @@ def test_the_store_never_holds_the_digits(app, client, tmp_path):
     path = app.config["IDEMPOTENCY_STORE"][len("sqlite:///"):]
     rows = sqlite3.connect(path).execute("SELECT body FROM idempotency").fetchall()
     assert rows and all("4111" not in (body or "") for (body,) in rows)
+
+
+def test_fingerprint_is_keyed_when_a_hash_key_is_set(make_app):
+    import hashlib
+    import sqlite3
+
+    app = make_app(AUDIT_HASH_KEY="k")
+    client = app.test_client()
+    body = b'{"interaction_id":"call-1","digits":"1234","timeout_ms":5000,"sequence_matrix_key":"m"}'
+    client.post("/api/dtmf/parse", data=body, content_type="application/json", headers={"Idempotency-Key": "x"})
+    path = app.config["IDEMPOTENCY_STORE"][len("sqlite:///"):]
+    (stored,) = sqlite3.connect(path).execute("SELECT fingerprint FROM idempotency").fetchone()
+    assert stored != hashlib.sha256(body).hexdigest()
