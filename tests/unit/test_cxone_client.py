@@ -5,6 +5,8 @@ The simulator runs as a real HTTP server on loopback; sleeps and clocks are inje
 
 import email.utils
 import json
+import socket
+import time
 from urllib.parse import parse_qs
 
 import pytest
@@ -169,8 +171,6 @@ def test_expired_token_is_refreshed_mid_way(make_client, sim):
     sim.configure(token_ttl_s=2)  # shorter than the 30 s margin: used for half its life, 1 s
     client = make_client()
     assert submit(client).http_status == 200
-    import time
-
     time.sleep(1.1)
     assert submit(client).http_status == 200
     assert len(sim.seen("token")) == 2
@@ -228,3 +228,41 @@ def test_unreachable_token_endpoint_is_502(upstream_config, closed_port, fake_ti
                          sleep=fake_time.sleep, clock=fake_time.clock)
     result = client.submit("call-1", "1", 5000, "c")
     assert (result.http_status, result.cxone_status) == (502, None)
+
+
+@pytest.fixture
+def black_hole_port():
+    """A loopback listener whose accept queue is full: new connections hang until they time out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    time.sleep(0.1)
+    yield port
+    for sock in [*fillers, listener]:
+        sock.close()
+
+
+def test_connect_timeout_is_not_sent_and_retried(upstream_config, black_hole_port, fake_time):
+    config = {**upstream_config, "CXONE_BASE_URL": f"http://127.0.0.1:{black_hole_port}/api/v2",
+              "CXONE_TOKEN_URL": upstream_config["CXONE_BASE_URL"] + "/oauth/token",
+              "CXONE_CONNECT_TIMEOUT_S": 0.2}
+    cfg.finalise(config)
+    dialect = make_dialect(config, requests.Session())
+    transport = PooledTransport(config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
+    client = CXoneClient(config, dialect, transport, TokenCache(dialect.fetch_token),
+                         sleep=fake_time.sleep, clock=fake_time.clock, rand=lambda: 1.0)
+    started = time.monotonic()
+    result = client.submit("call-1", "1", 5000, "c")
+    assert (result.http_status, result.cxone_status, result.attempts) == (502, None, 3)
+    assert fake_time.sleeps == [1.0, 2.0]  # retried: nothing can have reached CXone
+    assert time.monotonic() - started < 3  # each attempt gave up after the 0.2 s connect timeout
