@@ -2,38 +2,46 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: run test lint format simulator bench bench-quick clean
 
-$(STAMP): setup.cfg pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
 
-run: $(STAMP)  ## start gunicorn on 127.0.0.1:8080 (sandbox mode unless CXone is configured)
+$(RUN_STAMP): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(RUN_STAMP)
+
+run: $(RUN_STAMP)  ## start gunicorn on 127.0.0.1:8080 (sandbox mode unless CXone is configured)
 	$(BIN)/gunicorn -c gunicorn.conf.py app:app
 
-test: $(STAMP)  ## lint, then the whole suite
+test: $(TEST_STAMP)  ## lint and format check, then the whole suite
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(STAMP)
+format: $(TEST_STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-simulator: $(STAMP)  ## the CXone simulator as a real HTTP server on 127.0.0.1:9000
+simulator: $(RUN_STAMP)  ## the CXone simulator as a real HTTP server on 127.0.0.1:9000
 	$(BIN)/python -m dtmf_service.simulator --host 127.0.0.1 --port 9000
 
-bench: $(STAMP)  ## the full benchmark (about 5 minutes)
+bench: $(RUN_STAMP)  ## the full benchmark (about 4 minutes)
 	$(BIN)/python -m bench.run
 
-bench-quick: $(STAMP)  ## a one-minute benchmark
+bench-quick: $(RUN_STAMP)  ## a benchmark in under a minute
 	$(BIN)/python -m bench.run --quick
 
 clean:

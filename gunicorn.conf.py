@@ -40,8 +40,16 @@ keepalive = 75  # longer than nginx's upstream keepalive_timeout (60 s) so nginx
 # DTMF_ACCESS_LOG: a path, "-" for stderr (default), or "off".
 accesslog = None if os.environ.get("DTMF_ACCESS_LOG", "-") == "off" else os.environ.get("DTMF_ACCESS_LOG", "-")
 access_log_format = json.dumps(
-    {"remote": "%(h)s", "request_id": "%({x-request-id}o)s", "method": "%(m)s", "path": "%(U)s",
-     "status": "%(s)s", "bytes": "%(B)s", "duration_ms": "%(M)s", "user_agent": "%(a)s"}
+    {
+        "remote": "%(h)s",
+        "request_id": "%({x-request-id}o)s",
+        "method": "%(m)s",
+        "path": "%(U)s",
+        "status": "%(s)s",
+        "bytes": "%(B)s",
+        "duration_ms": "%(M)s",
+        "user_agent": "%(a)s",
+    }
 )
 errorlog = "-"
 loglevel = os.environ.get("DTMF_GUNICORN_LOG_LEVEL", "info")

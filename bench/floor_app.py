@@ -26,8 +26,11 @@ _lock = threading.Lock()
 def token() -> str:
     with _lock:
         if not _token:
-            _token.append(session.post(f"{BASE}/oauth/token", data={"grant_type": "client_credentials"},
-                                       timeout=5).json()["access_token"])
+            _token.append(
+                session.post(f"{BASE}/oauth/token", data={"grant_type": "client_credentials"}, timeout=5).json()[
+                    "access_token"
+                ]
+            )
         return _token[0]
 
 
@@ -35,12 +38,19 @@ def token() -> str:
 def parse():
     body = request.get_json(silent=True) or {}
     digits, interaction = body.get("digits"), body.get("interaction_id")
-    if not isinstance(digits, str) or not DIGITS.fullmatch(digits) or not isinstance(interaction, str) \
-            or not ID.fullmatch(interaction):
+    if (
+        not isinstance(digits, str)
+        or not DIGITS.fullmatch(digits)
+        or not isinstance(interaction, str)
+        or not ID.fullmatch(interaction)
+    ):
         return jsonify(status="validation_failed"), 400
-    answer = session.post(f"{BASE}/interactions/{interaction}/dtmf",
-                          json={"digits": digits, "timeout": body.get("timeout_ms")},
-                          headers={"Authorization": f"Bearer {token()}"}, timeout=(3, 15))
+    answer = session.post(
+        f"{BASE}/interactions/{interaction}/dtmf",
+        json={"digits": digits, "timeout": body.get("timeout_ms")},
+        headers={"Authorization": f"Bearer {token()}"},
+        timeout=(3, 15),
+    )
     return jsonify(status="dtmf_submitted", cxone_status=answer.status_code), 200 if answer.ok else 502
 
 

@@ -45,8 +45,11 @@ def ensure_wrk() -> str:
         return found
     if os.geteuid() == 0:
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "wrk"],
+            check=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         return shutil.which("wrk") or "/usr/bin/wrk"
     sys.exit("wrk is not installed: apt-get install wrk")
 
@@ -123,7 +126,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}", app],
-            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         deadline = time.monotonic() + 20
@@ -153,9 +159,23 @@ class Server:
 def run_wrk(wrk: str, url: str, connections: int, seconds: float, burst_share: float = 0.0) -> dict[str, Any]:
     threads = min(connections, 2)
     proc = subprocess.run(
-        [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
-         "-s", str(ROOT / "bench" / "post.lua"), f"{url}/api/dtmf/parse"],
-        capture_output=True, text=True, env={**os.environ, "BURST_SHARE": str(burst_share)},
+        [
+            wrk,
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            "30s",
+            "-s",
+            str(ROOT / "bench" / "post.lua"),
+            f"{url}/api/dtmf/parse",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BURST_SHARE": str(burst_share)},
         timeout=seconds + 60,
     )
     out = proc.stdout
@@ -163,19 +183,29 @@ def run_wrk(wrk: str, url: str, connections: int, seconds: float, burst_share: f
     total = int(re.search(r"(\d+) requests in", out).group(1))
     ok, other = (int(x) for x in re.search(r"STATUS ok=(\d+) other=(\d+)", out).groups())
     p50, p99 = (float(x) for x in re.search(r"LATENCY p50=([\d.]+) p99=([\d.]+)", out).groups())
-    return {"rps": rps, "requests": total, "ok": ok, "other": other, "p50_ms": p50, "p99_ms": p99,
-            "seconds": seconds}
+    return {"rps": rps, "requests": total, "ok": ok, "other": other, "p50_ms": p50, "p99_ms": p99, "seconds": seconds}
 
 
-def measure(wrk: str, server: Server, target: str, delay_ms: int, connections: int, seconds: float,
-            warmup_s: float) -> Result:
+def measure(
+    wrk: str, server: Server, target: str, delay_ms: int, connections: int, seconds: float, warmup_s: float
+) -> Result:
     run_wrk(wrk, server.url, connections, warmup_s)
     pids = server.pids()
     before = proc_cpu_ticks(pids)
     load = run_wrk(wrk, server.url, connections, seconds)
     cpu_ms = (proc_cpu_ticks(server.pids()) - before) * 1000 / TICK
-    result = Result(target, delay_ms, connections, load["rps"], load["p50_ms"], load["p99_ms"],
-                    cpu_ms / max(load["requests"], 1), peak_rss_mb(server.pids()), load["requests"], load["other"])
+    result = Result(
+        target,
+        delay_ms,
+        connections,
+        load["rps"],
+        load["p50_ms"],
+        load["p99_ms"],
+        cpu_ms / max(load["requests"], 1),
+        peak_rss_mb(server.pids()),
+        load["requests"],
+        load["other"],
+    )
     if target == "gateway+plugins":
         started = time.monotonic()
         while time.monotonic() - started < 30:
@@ -216,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
                     envs = {
                         "floor": ("bench.floor_app:app", {**common, "FLOOR_CXONE_BASE_URL": base}),
                         "gateway": ("app:app", {**common, **gateway_env(base, workdir, "off")}),
-                        "gateway+plugins": ("app:app", {**common, **gateway_env(
-                            base, workdir, "on", receiver_port, syslog.port, statsd.port)}),
+                        "gateway+plugins": (
+                            "app:app",
+                            {**common, **gateway_env(base, workdir, "on", receiver_port, syslog.port, statsd.port)},
+                        ),
                     }
                     for target in targets:  # alternating in the same round, so machine noise hits all alike
                         app, env = envs[target]
@@ -226,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
                             for connections in connection_counts:
                                 result = measure(wrk, server, target, delay, connections, seconds, warmup)
                                 runs.setdefault((target, delay, connections), []).append(result)
-                                print(f"  round {round_number} {target:16} {delay:3d} ms {connections:3d} conn: "
-                                      f"{result.rps:8.0f} req/s cpu {result.cpu_ms_per_request:.2f} ms/req", flush=True)
+                                print(
+                                    f"  round {round_number} {target:16} {delay:3d} ms {connections:3d} conn: "
+                                    f"{result.rps:8.0f} req/s cpu {result.cpu_ms_per_request:.2f} ms/req",
+                                    flush=True,
+                                )
                         finally:
                             server.stop()
                     if delay == 0 and round_number == rounds and not args.quick:
@@ -249,8 +284,11 @@ class Upstream:
 
     def __enter__(self) -> int:
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(self.port),
-                                      "--delay-ms", str(self.delay_ms)], cwd=ROOT, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.upstream", "--port", str(self.port), "--delay-ms", str(self.delay_ms)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket() as probe:
@@ -272,23 +310,46 @@ def _median(found: list[Result]) -> Result:
         values = [getattr(r, name) for r in found if getattr(r, name) is not None]
         return statistics.median(values) if values else None
 
-    return Result(first.target, first.delay_ms, first.connections, med("rps"), med("p50_ms"), med("p99_ms"),
-                  med("cpu_ms_per_request"), med("peak_rss_mb"), int(med("requests")), int(med("non_200")),
-                  med("audit_drain_s"), {"rounds": len(found), "rps_each": [round(r.rps) for r in found]})
+    return Result(
+        first.target,
+        first.delay_ms,
+        first.connections,
+        med("rps"),
+        med("p50_ms"),
+        med("p99_ms"),
+        med("cpu_ms_per_request"),
+        med("peak_rss_mb"),
+        int(med("requests")),
+        int(med("non_200")),
+        med("audit_drain_s"),
+        {"rounds": len(found), "rps_each": [round(r.rps) for r in found]},
+    )
 
 
-def gateway_env(base: str, workdir: Path, plugins: str, receiver_port: int = 0, syslog_port: int = 0,
-                statsd_port: int = 0) -> dict[str, str]:
-    env = {"DTMF_CXONE_BASE_URL": base, "DTMF_CXONE_CLIENT_ID": "bench", "DTMF_CXONE_CLIENT_SECRET": "bench",
-           "DTMF_ALLOW_UNAUTHENTICATED": "true", "DTMF_AUDIT_SPOOL_DIR": str(workdir / f"spool-{plugins}"),
-           "DTMF_IDEMPOTENCY_STORE": f"sqlite:///{workdir / 'idem.db'}", "DTMF_METRICS_EXPORTERS": "memory",
-           "DTMF_LOG_LEVEL": "WARNING"}
+def gateway_env(
+    base: str, workdir: Path, plugins: str, receiver_port: int = 0, syslog_port: int = 0, statsd_port: int = 0
+) -> dict[str, str]:
+    env = {
+        "DTMF_CXONE_BASE_URL": base,
+        "DTMF_CXONE_CLIENT_ID": "bench",
+        "DTMF_CXONE_CLIENT_SECRET": "bench",
+        "DTMF_ALLOW_UNAUTHENTICATED": "true",
+        "DTMF_AUDIT_SPOOL_DIR": str(workdir / f"spool-{plugins}"),
+        "DTMF_IDEMPOTENCY_STORE": f"sqlite:///{workdir / 'idem.db'}",
+        "DTMF_METRICS_EXPORTERS": "memory",
+        "DTMF_LOG_LEVEL": "WARNING",
+    }
     if plugins == "on":
-        env.update({"DTMF_AUDIT_SINKS": "file,webhook,syslog", "DTMF_METRICS_EXPORTERS": "memory,statsd",
-                    "DTMF_AUDIT_FILE_PATH": str(workdir / "audit.jsonl"),
-                    "DTMF_AUDIT_WEBHOOK_URL": f"http://127.0.0.1:{receiver_port}/audit",
-                    "DTMF_AUDIT_SYSLOG_ADDRESS": f"udp://127.0.0.1:{syslog_port}",
-                    "DTMF_STATSD_PORT": str(statsd_port)})
+        env.update(
+            {
+                "DTMF_AUDIT_SINKS": "file,webhook,syslog",
+                "DTMF_METRICS_EXPORTERS": "memory,statsd",
+                "DTMF_AUDIT_FILE_PATH": str(workdir / "audit.jsonl"),
+                "DTMF_AUDIT_WEBHOOK_URL": f"http://127.0.0.1:{receiver_port}/audit",
+                "DTMF_AUDIT_SYSLOG_ADDRESS": f"udp://127.0.0.1:{syslog_port}",
+                "DTMF_STATSD_PORT": str(statsd_port),
+            }
+        )
     return env
 
 
@@ -307,9 +368,24 @@ def burst_scenario(wrk: str, gateway: tuple[str, dict[str, str]], seconds: float
             burst_proc = None
             if with_burst:
                 burst_proc = subprocess.Popen(
-                    [wrk, "-t", "1", "-c", "16", "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
-                     "-s", str(ROOT / "bench" / "post.lua"), f"{server.url}/api/dtmf/parse"],
-                    stdout=subprocess.PIPE, text=True, env={**os.environ, "BURST_SHARE": "1"})
+                    [
+                        wrk,
+                        "-t",
+                        "1",
+                        "-c",
+                        "16",
+                        "-d",
+                        f"{max(1, round(seconds))}s",
+                        "--timeout",
+                        "30s",
+                        "-s",
+                        str(ROOT / "bench" / "post.lua"),
+                        f"{server.url}/api/dtmf/parse",
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, "BURST_SHARE": "1"},
+                )
             load = run_wrk(wrk, server.url, 64, seconds)
             if burst_proc is not None:
                 out, _ = burst_proc.communicate(timeout=seconds + 60)
@@ -321,17 +397,23 @@ def burst_scenario(wrk: str, gateway: tuple[str, dict[str, str]], seconds: float
     figures["normal_rps_alone"] = round(alone, 1)
     figures["normal_rps_with_burst"] = round(burst, 1)
     figures["ratio"] = round(burst / alone, 3) if alone else None
-    print(f"  429 burst (16 rate-limited callers beside 64 normal): normal {burst:.0f} req/s vs {alone:.0f} "
-          f"alone ({figures['ratio']})", flush=True)
+    print(
+        f"  429 burst (16 rate-limited callers beside 64 normal): normal {burst:.0f} req/s vs {alone:.0f} "
+        f"alone ({figures['ratio']})",
+        flush=True,
+    )
     return figures
 
 
-def report(results: list[Result], burst: dict[str, Any], quick: bool, seconds: float, rounds: int,
-           upstream_p99: float | None) -> None:
+def report(
+    results: list[Result], burst: dict[str, Any], quick: bool, seconds: float, rounds: int, upstream_p99: float | None
+) -> None:
     floors = {(r.delay_ms, r.connections): r for r in results if r.target == "floor"}
     rows = []
-    header = (f"{'target':16} {'up ms':>5} {'conn':>4} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
-              f"{'cpu ms/req':>10} {'ratio':>6} {'rss MB':>7} {'non200':>6} {'audit 0 in':>10}")
+    header = (
+        f"{'target':16} {'up ms':>5} {'conn':>4} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'cpu ms/req':>10} {'ratio':>6} {'rss MB':>7} {'non200':>6} {'audit 0 in':>10}"
+    )
     print("\n" + header)
     print("-" * len(header))
     for r in results:
@@ -339,9 +421,11 @@ def report(results: list[Result], burst: dict[str, Any], quick: bool, seconds: f
         rps_ratio = r.rps / floor.rps if floor and floor.rps else None
         cpu_ratio = r.cpu_ms_per_request / floor.cpu_ms_per_request if floor and floor.cpu_ms_per_request else None
         drain = f"{r.audit_drain_s:.1f} s" if r.audit_drain_s is not None else ""
-        print(f"{r.target:16} {r.delay_ms:5d} {r.connections:4d} {r.rps:8.0f} {_fmt(rps_ratio):>6} {r.p50_ms:7.2f} "
-              f"{r.p99_ms:7.2f} {r.cpu_ms_per_request:10.2f} {_fmt(cpu_ratio):>6} {r.peak_rss_mb:7.1f} "
-              f"{r.non_200:6d} {drain:>10}")
+        print(
+            f"{r.target:16} {r.delay_ms:5d} {r.connections:4d} {r.rps:8.0f} {_fmt(rps_ratio):>6} {r.p50_ms:7.2f} "
+            f"{r.p99_ms:7.2f} {r.cpu_ms_per_request:10.2f} {_fmt(cpu_ratio):>6} {r.peak_rss_mb:7.1f} "
+            f"{r.non_200:6d} {drain:>10}"
+        )
         rows.append({**asdict(r), "rps_ratio_to_floor": rps_ratio, "cpu_ratio_to_floor": cpu_ratio})
     checks = targets_met(results, burst, upstream_p99)
     if checks:
@@ -352,19 +436,33 @@ def report(results: list[Result], burst: dict[str, Any], quick: bool, seconds: f
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     path = out_dir / f"{stamp}.json"
-    path.write_text(json.dumps({
-        "date": stamp, "quick": quick, "seconds_per_run": seconds, "rounds": rounds, "cpus": os.cpu_count(),
-        "machine": os.uname().machine, "results": rows, "burst": burst, "upstream_p99_ms_16conn": upstream_p99,
-        "targets": [{"target": n, "value": v, "met": ok} for n, v, ok in checks],
-        "median_gateway_cpu_ratio": statistics.median([x["cpu_ratio_to_floor"] for x in rows
-                                                       if x["target"] == "gateway" and x["cpu_ratio_to_floor"]]
-                                                      or [0]),
-    }, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "date": stamp,
+                "quick": quick,
+                "seconds_per_run": seconds,
+                "rounds": rounds,
+                "cpus": os.cpu_count(),
+                "machine": os.uname().machine,
+                "results": rows,
+                "burst": burst,
+                "upstream_p99_ms_16conn": upstream_p99,
+                "targets": [{"target": n, "value": v, "met": ok} for n, v, ok in checks],
+                "median_gateway_cpu_ratio": statistics.median(
+                    [x["cpu_ratio_to_floor"] for x in rows if x["target"] == "gateway" and x["cpu_ratio_to_floor"]]
+                    or [0]
+                ),
+            },
+            indent=2,
+        )
+    )
     print(f"\nwritten to {path.relative_to(ROOT)}")
 
 
-def targets_met(results: list[Result], burst: dict[str, Any],
-                upstream_p99: float | None) -> list[tuple[str, str, bool]]:
+def targets_met(
+    results: list[Result], burst: dict[str, Any], upstream_p99: float | None
+) -> list[tuple[str, str, bool]]:
     """Each target of issue 5 that this run measured: (name, measured value, met)."""
     by = {(r.target, r.delay_ms, r.connections): r for r in results}
     checks: list[tuple[str, str, bool]] = []
@@ -379,22 +477,29 @@ def targets_met(results: list[Result], burst: dict[str, Any],
         for target, rps_min, cpu_max in (("gateway", 0.85, 1.2), ("gateway+plugins", 0.70, 1.5)):
             rps = ratio(target, 0, conns, "rps")
             if rps is not None:
-                checks.append((f"{target} req/s >= {rps_min} x floor (0 ms, {conns} conn)", f"{rps:.2f}",
-                               rps >= rps_min))
+                checks.append(
+                    (f"{target} req/s >= {rps_min} x floor (0 ms, {conns} conn)", f"{rps:.2f}", rps >= rps_min)
+                )
             cpu = ratio(target, 0, conns, "cpu_ms_per_request")
             if cpu is not None:
-                checks.append((f"{target} CPU/req <= {cpu_max} x floor (0 ms, {conns} conn)", f"{cpu:.2f}",
-                               cpu <= cpu_max))
+                checks.append(
+                    (f"{target} CPU/req <= {cpu_max} x floor (0 ms, {conns} conn)", f"{cpu:.2f}", cpu <= cpu_max)
+                )
     gw, floor = by.get(("gateway", 50, 64)), by.get(("floor", 50, 64))
     if gw and floor:
-        checks.append(("gateway req/s >= floor at 50 ms, 64 conn", f"{gw.rps:.0f} vs {floor.rps:.0f}",
-                       gw.rps >= floor.rps))
-        checks.append(("stretch: 0.9 of Little's law (1150 req/s) at 50 ms, 64 conn", f"{gw.rps:.0f}",
-                       gw.rps >= 1150))
+        checks.append(
+            ("gateway req/s >= floor at 50 ms, 64 conn", f"{gw.rps:.0f} vs {floor.rps:.0f}", gw.rps >= floor.rps)
+        )
+        checks.append(("stretch: 0.9 of Little's law (1150 req/s) at 50 ms, 64 conn", f"{gw.rps:.0f}", gw.rps >= 1150))
     gw16 = by.get(("gateway", 50, 16))
     if gw16 and upstream_p99 is not None:
-        checks.append(("p99 at 50 ms, 16 conn <= upstream p99 + 15 ms",
-                       f"{gw16.p99_ms:.1f} vs {upstream_p99:.1f} + 15", gw16.p99_ms <= upstream_p99 + 15))
+        checks.append(
+            (
+                "p99 at 50 ms, 16 conn <= upstream p99 + 15 ms",
+                f"{gw16.p99_ms:.1f} vs {upstream_p99:.1f} + 15",
+                gw16.p99_ms <= upstream_p99 + 15,
+            )
+        )
     drains = [r.audit_drain_s for r in results if r.target == "gateway+plugins"]
     if drains:
         worst = max(d if d is not None else float("inf") for d in drains)

@@ -41,8 +41,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
     app.extensions["dtmf"] = gateway
     if app.config["PROXY_COUNT"]:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app, x_for=app.config["PROXY_COUNT"], x_proto=app.config["PROXY_COUNT"],
-            x_host=0, x_port=0, x_prefix=0,
+            app.wsgi_app,
+            x_for=app.config["PROXY_COUNT"],
+            x_proto=app.config["PROXY_COUNT"],
+            x_host=0,
+            x_port=0,
+            x_prefix=0,
         )
     register_error_handlers(app)
     app.register_blueprint(bp)

@@ -95,8 +95,9 @@ def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, b
     )
     if not processed:
         # Not counted nor audited (nothing was sent), but an operator can still see it happened.
-        log.info("request %s: Idempotency-Key answered %d without calling CXone", g.get("request_id"),
-                 response.status_code)
+        log.info(
+            "request %s: Idempotency-Key answered %d without calling CXone", g.get("request_id"), response.status_code
+        )
     return response, processed
 
 
@@ -118,7 +119,12 @@ def _submit(gw: Gateway, attempt: Attempt, valid: dict[str, Any], started: float
         )
     log.warning(
         "request %s: %s (http %d, cxone_status %s, attempts %d): %s",
-        g.get("request_id"), result.status, result.http_status, result.cxone_status, result.attempts, result.error,
+        g.get("request_id"),
+        result.status,
+        result.http_status,
+        result.cxone_status,
+        result.attempts,
+        result.error,
     )
     headers = {"Retry-After": str(result.retry_after_s)} if result.retry_after_s is not None else None
     return error_response(

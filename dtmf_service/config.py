@@ -119,8 +119,10 @@ def _as_number(name: str, key: Key, value: Any, cast: Callable[[Any], Any]) -> A
             raise ValueError
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: expected {'an integer' if cast is int else 'a number'}, got {value!r}") from None
-    if number != number or (key.minimum is not None and number < key.minimum) or (
-        key.maximum is not None and number > key.maximum
+    if (
+        number != number
+        or (key.minimum is not None and number < key.minimum)
+        or (key.maximum is not None and number > key.maximum)
     ):
         raise ConfigError(f"{name}: must be between {key.minimum:g} and {key.maximum:g}, got {value!r}")
     return number

@@ -73,8 +73,7 @@ class SinkWorker:
             self.spool.append(events)
         except OSError as exc:
             self._dropped(len(events))
-            log.error("audit sink %s: spool not writable (%s): %d events dropped",
-                      self.name, exc.strerror, len(events))
+            log.error("audit sink %s: spool not writable (%s): %d events dropped", self.name, exc.strerror, len(events))
 
     def _ensure_thread(self) -> None:
         pid = os.getpid()

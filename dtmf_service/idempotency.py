@@ -91,8 +91,9 @@ class Idempotency:
                 return error_response(
                     409, "idempotency_in_progress", "a request with this Idempotency-Key is still being processed"
                 ), False
-            response = Response(_with_digits(existing.body, digits), status=existing.status,
-                                mimetype="application/json")
+            response = Response(
+                _with_digits(existing.body, digits), status=existing.status, mimetype="application/json"
+            )
             response.headers.update(existing.headers or {})
             response.headers["Idempotent-Replayed"] = "true"
             return response, False
@@ -198,8 +199,14 @@ class SqliteStore:
     def finish(self, key: str, stored: Stored, ttl_s: int) -> None:
         self._connect().execute(
             "UPDATE idempotency SET state='done', status=?, body=?, headers=?, expires=? WHERE key=? AND fingerprint=?",
-            (stored.status, stored.body, json.dumps(stored.headers or {}), time.time() + ttl_s, key,
-             stored.fingerprint),
+            (
+                stored.status,
+                stored.body,
+                json.dumps(stored.headers or {}),
+                time.time() + ttl_s,
+                key,
+                stored.fingerprint,
+            ),
         )
 
     def release(self, key: str, fingerprint: str) -> None:
@@ -235,13 +242,21 @@ class RedisStore:
             if raw is None:
                 continue  # expired between SET and GET: try to claim again
             data = json.loads(raw)
-            return Stored(data["state"], data["fingerprint"], data.get("status", 0), data.get("body", ""),
-                          data.get("headers"))
+            return Stored(
+                data["state"], data["fingerprint"], data.get("status", 0), data.get("body", ""), data.get("headers")
+            )
         raise RuntimeError("idempotency store: could not claim key")
 
     def finish(self, key: str, stored: Stored, ttl_s: int) -> None:
-        value = json.dumps({"state": "done", "fingerprint": stored.fingerprint, "status": stored.status,
-                            "body": stored.body, "headers": stored.headers or {}})
+        value = json.dumps(
+            {
+                "state": "done",
+                "fingerprint": stored.fingerprint,
+                "status": stored.status,
+                "body": stored.body,
+                "headers": stored.headers or {},
+            }
+        )
         self._redis.set(self._prefix + key, value, ex=ttl_s)
 
     def release(self, key: str, fingerprint: str) -> None:

@@ -55,7 +55,8 @@ def build_document(config: Mapping[str, Any]) -> dict[str, Any]:
     retry_after = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
     dialect_note = (
         " With CXONE_API=agent, interaction_id carries the CXone agent session id."
-        if config.get("CXONE_API") == "agent" else ""
+        if config.get("CXONE_API") == "agent"
+        else ""
     )
     spec.path(
         path="/api/dtmf/parse",
@@ -64,10 +65,14 @@ def build_document(config: Mapping[str, Any]) -> dict[str, Any]:
                 "summary": "Validate DTMF digits and submit them to a CXone interaction",
                 "description": "Optional Idempotency-Key header makes retries safe." + dialect_note,
                 "security": secured,
-                "parameters": [{
-                    "in": "header", "name": "Idempotency-Key", "required": False,
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
-                }],
+                "parameters": [
+                    {
+                        "in": "header",
+                        "name": "Idempotency-Key",
+                        "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+                    }
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DTMFRequest"}}},
@@ -92,12 +97,17 @@ def build_document(config: Mapping[str, Any]) -> dict[str, Any]:
     metrics_security = [] if config.get("METRICS_PUBLIC") else secured
     spec.path(
         path="/api/metrics",
-        operations={"get": {
-            "summary": "Totals across every worker process",
-            "security": metrics_security,
-            "responses": {"200": _json("Metrics", "metrics"), "401": unauthorized,
-                          "404": _json("Error", "the memory exporter is not enabled")},
-        }},
+        operations={
+            "get": {
+                "summary": "Totals across every worker process",
+                "security": metrics_security,
+                "responses": {
+                    "200": _json("Metrics", "metrics"),
+                    "401": unauthorized,
+                    "404": _json("Error", "the memory exporter is not enabled"),
+                },
+            }
+        },
     )
     spec.path(
         path="/healthz",
@@ -105,7 +115,16 @@ def build_document(config: Mapping[str, Any]) -> dict[str, Any]:
     )
     spec.path(
         path="/api/openapi.json",
-        operations={"get": {"summary": "This document", "responses": {"200": {
-            "description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        operations={
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
     )
     return spec.to_dict()

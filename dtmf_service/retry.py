@@ -16,9 +16,7 @@ def is_retryable_status(status: int) -> bool:
     return status in RETRYABLE_STATUSES
 
 
-def backoff_delay(
-    retry_number: int, base_s: float, max_s: float, rand: Callable[[], float] = random.random
-) -> float:
+def backoff_delay(retry_number: int, base_s: float, max_s: float, rand: Callable[[], float] = random.random) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(max, base * 2**n)].
 
     ``retry_number`` counts from 0 for the wait before the second attempt.

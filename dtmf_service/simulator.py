@@ -114,8 +114,14 @@ class Simulator:
         path = parts.path
         with self._lock:
             self.requests.append(
-                {"method": method, "path": path, "query": parts.query, "headers": headers,
-                 "body": body.decode("utf-8", "replace"), "peer": peer}
+                {
+                    "method": method,
+                    "path": path,
+                    "query": parts.query,
+                    "headers": headers,
+                    "body": body.decode("utf-8", "replace"),
+                    "peer": peer,
+                }
             )
         if path.startswith("/_sim/"):
             return self._control(method, path, body)
@@ -327,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.client_id is not None:
         server.simulator.configure(client_id=args.client_id, client_secret=args.client_secret or "")
     host, port = server.server_address[:2]
-    print(f"CXone simulator listening on http://{host}:{port} (tutorial base URL http://{host}:{port}/api/v2)",
-          flush=True)
+    print(
+        f"CXone simulator listening on http://{host}:{port} (tutorial base URL http://{host}:{port}/api/v2)", flush=True
+    )
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -146,7 +146,8 @@ class Spool:
                 self._on_drop(segment.count)
                 log.error(
                     "audit spool full (AUDIT_SPOOL_MAX_MB): dropped %d oldest events of sink %s",
-                    segment.count, os.path.basename(os.path.dirname(segment.path)),
+                    segment.count,
+                    os.path.basename(os.path.dirname(segment.path)),
                 )
 
     def _remove_dead_temporaries(self) -> None:

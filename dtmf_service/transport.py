@@ -82,8 +82,15 @@ class PooledTransport:
             if pool is None:  # one URL parse per origin, not per call
                 pool = self._origins[origin] = self._pools.connection_from_url(origin)
             response = pool.urlopen(
-                "POST", path, body=body, headers=headers, timeout=self._timeout,
-                retries=False, redirect=False, preload_content=True, assert_same_host=False,
+                "POST",
+                path,
+                body=body,
+                headers=headers,
+                timeout=self._timeout,
+                retries=False,
+                redirect=False,
+                preload_content=True,
+                assert_same_host=False,
             )
         except urllib3.exceptions.HTTPError as exc:
             raise classify(exc)() from None

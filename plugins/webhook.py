@@ -74,5 +74,9 @@ def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> WebhookSink | None:
     url = config.get("AUDIT_WEBHOOK_URL")
     if not url or not str(url).startswith(("http://", "https://")):
         raise ConfigError("AUDIT_WEBHOOK_URL: an http:// or https:// URL is required when AUDIT_SINKS includes webhook")
-    return WebhookSink(url, float(config["AUDIT_WEBHOOK_TIMEOUT_S"]), config.get("AUDIT_WEBHOOK_SECRET"),
-                       int(config.get("AUDIT_WEBHOOK_CONCURRENCY", 8)))
+    return WebhookSink(
+        url,
+        float(config["AUDIT_WEBHOOK_TIMEOUT_S"]),
+        config.get("AUDIT_WEBHOOK_SECRET"),
+        int(config.get("AUDIT_WEBHOOK_CONCURRENCY", 8)),
+    )

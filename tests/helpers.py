@@ -40,8 +40,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
 class Gunicorn:
     """A real gunicorn master running app:app with gunicorn.conf.py on a free loopback port."""
 
-    def __init__(self, env: dict[str, str], workers: int = 4, threads: int = 8, port: int | None = None,
-                 log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        workers: int = 4,
+        threads: int = 8,
+        port: int | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
@@ -53,9 +59,23 @@ class Gunicorn:
     def start(self, timeout: float = 20.0) -> Gunicorn:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}",
-             "--workers", str(self.workers), "--threads", str(self.threads), "app:app"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True,
+            [
+                str(BIN / "gunicorn"),
+                "-c",
+                "gunicorn.conf.py",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                str(self.workers),
+                "--threads",
+                str(self.threads),
+                "app:app",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -6,21 +6,34 @@ from tests.helpers import Gunicorn
 
 
 def dialect_env(dialect, sim_url):
-    common = {"DTMF_CXONE_CLIENT_ID": "client-id", "DTMF_CXONE_CLIENT_SECRET": "s3cr&t=+ value",
-              "DTMF_ALLOW_UNAUTHENTICATED": "true", "DTMF_CXONE_BACKOFF_BASE_S": "0.05",
-              "DTMF_CXONE_BACKOFF_MAX_S": "0.2"}
+    common = {
+        "DTMF_CXONE_CLIENT_ID": "client-id",
+        "DTMF_CXONE_CLIENT_SECRET": "s3cr&t=+ value",
+        "DTMF_ALLOW_UNAUTHENTICATED": "true",
+        "DTMF_CXONE_BACKOFF_BASE_S": "0.05",
+        "DTMF_CXONE_BACKOFF_MAX_S": "0.2",
+    }
     if dialect == "agent":
-        return {**common, "DTMF_CXONE_API": "agent", "DTMF_CXONE_AUTH_BASE": sim_url,
-                "DTMF_CXONE_TENANT_ID": "tenant-1", "DTMF_CXONE_ACCESS_KEY_ID": "AK1",
-                "DTMF_CXONE_ACCESS_KEY_SECRET": "ak:secret"}
+        return {
+            **common,
+            "DTMF_CXONE_API": "agent",
+            "DTMF_CXONE_AUTH_BASE": sim_url,
+            "DTMF_CXONE_TENANT_ID": "tenant-1",
+            "DTMF_CXONE_ACCESS_KEY_ID": "AK1",
+            "DTMF_CXONE_ACCESS_KEY_SECRET": "ak:secret",
+        }
     return {**common, "DTMF_CXONE_BASE_URL": f"{sim_url}/api/v2"}
 
 
 @pytest.fixture
 def gateway_env(tmp_path):
-    return {"DTMF_METRICS_DIR": str(tmp_path / "metrics"), "DTMF_AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
-            "DTMF_IDEMPOTENCY_STORE": f"sqlite:///{tmp_path / 'idem.db'}", "DTMF_ACCESS_LOG": "off",
-            "DTMF_GUNICORN_LOG_LEVEL": "warning"}
+    return {
+        "DTMF_METRICS_DIR": str(tmp_path / "metrics"),
+        "DTMF_AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
+        "DTMF_IDEMPOTENCY_STORE": f"sqlite:///{tmp_path / 'idem.db'}",
+        "DTMF_ACCESS_LOG": "off",
+        "DTMF_GUNICORN_LOG_LEVEL": "warning",
+    }
 
 
 @pytest.fixture

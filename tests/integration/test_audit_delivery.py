@@ -33,10 +33,16 @@ def udp_servers():
 
 
 def sinks_env(tmp_path, webhook, syslog_port, statsd_port):
-    return {"DTMF_AUDIT_SINKS": "file,webhook,syslog", "DTMF_METRICS_EXPORTERS": "memory,statsd",
-            "DTMF_AUDIT_FILE_PATH": str(tmp_path / "audit.jsonl"), "DTMF_AUDIT_WEBHOOK_URL": webhook.url,
-            "DTMF_AUDIT_SYSLOG_ADDRESS": f"udp://127.0.0.1:{syslog_port}", "DTMF_STATSD_PORT": str(statsd_port),
-            "DTMF_AUDIT_BACKOFF_BASE_S": "0.05", "DTMF_AUDIT_BACKOFF_MAX_S": "0.5"}
+    return {
+        "DTMF_AUDIT_SINKS": "file,webhook,syslog",
+        "DTMF_METRICS_EXPORTERS": "memory,statsd",
+        "DTMF_AUDIT_FILE_PATH": str(tmp_path / "audit.jsonl"),
+        "DTMF_AUDIT_WEBHOOK_URL": webhook.url,
+        "DTMF_AUDIT_SYSLOG_ADDRESS": f"udp://127.0.0.1:{syslog_port}",
+        "DTMF_STATSD_PORT": str(statsd_port),
+        "DTMF_AUDIT_BACKOFF_BASE_S": "0.05",
+        "DTMF_AUDIT_BACKOFF_MAX_S": "0.5",
+    }
 
 
 def file_ids(tmp_path):
@@ -57,26 +63,33 @@ def send_many(url, bodies, workers=16):
         return list(pool.map(send, bodies))
 
 
-def test_every_event_reaches_every_sink_exactly_once(tmp_path, sim_url, gateway_env, start_gunicorn, webhook,
-                                                     udp_servers):
+def test_every_event_reaches_every_sink_exactly_once(
+    tmp_path, sim_url, gateway_env, start_gunicorn, webhook, udp_servers
+):
     syslog, statsd = udp_servers
     env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port)}
     gateway = start_gunicorn(env)
     bodies = [VALID] * 200 + [{**VALID, "digits": "no"}] * 50 + [{**VALID, "interaction_id": "missing-3"}] * 50
     statuses = send_many(gateway.url, bodies)
     assert len(statuses) == 300
-    wait_until(lambda: len(webhook.ids()) >= 300 and len(file_ids(tmp_path)) >= 300 and len(syslog.datagrams) >= 300,
-               timeout=30)
+    wait_until(
+        lambda: len(webhook.ids()) >= 300 and len(file_ids(tmp_path)) >= 300 and len(syslog.datagrams) >= 300,
+        timeout=30,
+    )
     wait_until(lambda: audit_pending(gateway.url) == 0, timeout=10)
     hook_ids, disk_ids = webhook.ids(), file_ids(tmp_path)
-    syslog_ids = [json.loads(d.decode()[d.decode().index(">") + 1:])["event_id"] for d in syslog.datagrams]
+    syslog_ids = [json.loads(d.decode()[d.decode().index(">") + 1 :])["event_id"] for d in syslog.datagrams]
     assert len(set(hook_ids)) == len(hook_ids) == 300
     assert set(hook_ids) == set(disk_ids) == set(syslog_ids)
     assert len(disk_ids) == len(syslog_ids) == 300
     outcomes = sorted(e["outcome"] for e in webhook.events)
     assert outcomes.count("dtmf_submitted") == 200 and outcomes.count("validation_failed") == 50
-    wait_until(lambda: sum(d.count(b"p.total_submissions") + d.count(b"dtmf.total_submissions")
-                           for d in statsd.datagrams) >= 300, timeout=10)
+    wait_until(
+        lambda: (
+            sum(d.count(b"p.total_submissions") + d.count(b"dtmf.total_submissions") for d in statsd.datagrams) >= 300
+        ),
+        timeout=10,
+    )
     totals = sum(d.count(b"dtmf.total_submissions:1|c") for d in statsd.datagrams)
     assert totals == 300
     body = requests.get(f"{gateway.url}/api/metrics", timeout=5).json()
@@ -124,10 +137,15 @@ def test_slow_webhook_does_not_slow_callers(tmp_path, sim_url, gateway_env, star
 
 
 def test_sigterm_during_a_retry_wait_completes_the_request_and_keeps_its_event(
-        tmp_path, sim, sim_url, gateway_env, webhook, udp_servers):
+    tmp_path, sim, sim_url, gateway_env, webhook, udp_servers
+):
     syslog, statsd = udp_servers
-    env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port),
-           "DTMF_CXONE_BACKOFF_MAX_S": "8"}
+    env = {
+        **gateway_env,
+        **dialect_env("tutorial", sim_url),
+        **sinks_env(tmp_path, webhook, syslog.port, statsd.port),
+        "DTMF_CXONE_BACKOFF_MAX_S": "8",
+    }
     server = Gunicorn(env, workers=2, log_path=tmp_path / "g.log").start()
     sim.script("dtmf:call-1", [{"status": 429, "headers": {"Retry-After": "2"}}])
     result = {}
@@ -160,19 +178,24 @@ def test_sighup_reload_with_the_webhook_down_loses_nothing(tmp_path, sim_url, ga
         expected = set(file_ids(tmp_path))
         old_workers = set(server.worker_pids())
         server.proc.send_signal(signal.SIGHUP)  # new workers start, old ones finish and spool
-        wait_until(lambda: not (set(server.worker_pids()) & old_workers) and len(server.worker_pids()) == 2,
-                   timeout=30)
+        wait_until(lambda: not (set(server.worker_pids()) & old_workers) and len(server.worker_pids()) == 2, timeout=30)
         webhook.start()
         wait_until(lambda: set(webhook.ids()) >= expected, timeout=30)
     finally:
         server.stop()
 
 
-def test_unauthenticated_requests_are_neither_counted_nor_audited(tmp_path, sim_url, gateway_env, start_gunicorn,
-                                                                  webhook, udp_servers):
+def test_unauthenticated_requests_are_neither_counted_nor_audited(
+    tmp_path, sim_url, gateway_env, start_gunicorn, webhook, udp_servers
+):
     syslog, statsd = udp_servers
-    env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port),
-           "DTMF_API_KEYS": "k-1", "DTMF_METRICS_PUBLIC": "true"}
+    env = {
+        **gateway_env,
+        **dialect_env("tutorial", sim_url),
+        **sinks_env(tmp_path, webhook, syslog.port, statsd.port),
+        "DTMF_API_KEYS": "k-1",
+        "DTMF_METRICS_PUBLIC": "true",
+    }
     gateway = start_gunicorn(env, workers=2)
     assert post(gateway.url, VALID).status_code == 401
     assert post(gateway.url, VALID, {"Authorization": "Bearer k-1"}).status_code == 200

@@ -114,10 +114,15 @@ def test_failing_token_endpoint_is_not_hammered(gateway, sim):
 
 def test_gunicorn_conf_reads_bind_workers_threads_from_the_environment(tmp_path, gateway_env):
     port = free_port()
-    env = {**os.environ, **gateway_env, "DTMF_BIND": f"127.0.0.1:{port}", "DTMF_WORKERS": "3",
-           "DTMF_THREADS": "5"}
-    proc = subprocess.Popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {**os.environ, **gateway_env, "DTMF_BIND": f"127.0.0.1:{port}", "DTMF_WORKERS": "3", "DTMF_THREADS": "5"}
+    proc = subprocess.Popen(
+        [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "app:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: _healthy(f"http://127.0.0.1:{port}"), timeout=20)
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -127,15 +132,31 @@ def test_gunicorn_conf_reads_bind_workers_threads_from_the_environment(tmp_path,
         proc.wait(30)
 
 
-@pytest.mark.parametrize("bad, key", [({"DTMF_CXONE_MAX_ATTEMPTS": "lots"}, "CXONE_MAX_ATTEMPTS"),
-                                      ({"DTMF_AUDIT_SINKS": "kafka"}, "AUDIT_SINKS")])
+@pytest.mark.parametrize(
+    "bad, key",
+    [({"DTMF_CXONE_MAX_ATTEMPTS": "lots"}, "CXONE_MAX_ATTEMPTS"), ({"DTMF_AUDIT_SINKS": "kafka"}, "AUDIT_SINKS")],
+)
 def test_bad_configuration_stops_gunicorn_with_one_line(tmp_path, gateway_env, bad, key):
     log = tmp_path / "g.log"
     env = {**os.environ, **gateway_env, **bad}
     with open(log, "wb") as out:
-        proc = subprocess.run([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind",
-                               f"127.0.0.1:{free_port()}", "--workers", "2", "app:app"], cwd=ROOT, env=env,
-                              stdout=out, stderr=out, timeout=60)
+        proc = subprocess.run(
+            [
+                str(BIN / "gunicorn"),
+                "-c",
+                "gunicorn.conf.py",
+                "--bind",
+                f"127.0.0.1:{free_port()}",
+                "--workers",
+                "2",
+                "app:app",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=out,
+            timeout=60,
+        )
     assert proc.returncode != 0
     lines = [line for line in log.read_text().splitlines() if "configuration error" in line]
     assert lines and all(key in line for line in lines)
@@ -161,7 +182,7 @@ def test_chunked_bodies_are_limited_too(gateway, size, status):
     conn.putheader("Transfer-Encoding", "chunked")
     conn.endheaders()
     for start in range(0, len(body), 8192):
-        chunk = body[start:start + 8192]
+        chunk = body[start : start + 8192]
         conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
     conn.send(b"0\r\n\r\n")
     response = conn.getresponse()

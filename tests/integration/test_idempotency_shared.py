@@ -20,8 +20,11 @@ def redis_url(tmp_path):
     if REDIS is None:
         pytest.skip("REDIS NOT INSTALLED: .ci/run installs redis-server; these idempotency tests did not run")
     port = free_port()
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def up():
         try:
@@ -42,8 +45,7 @@ def race(urls, key, body, count=24):
 
     def send(i):
         with requests.Session() as s:
-            r = s.post(f"{urls[i % len(urls)]}/api/dtmf/parse", json=body, headers={"Idempotency-Key": key},
-                       timeout=30)
+            r = s.post(f"{urls[i % len(urls)]}/api/dtmf/parse", json=body, headers={"Idempotency-Key": key}, timeout=30)
             return r.status_code, r.headers.get("Idempotent-Replayed"), r.json()
 
     with ThreadPoolExecutor(count) as pool:
@@ -61,8 +63,9 @@ def check_race(results, sim, urls):
     for url in urls:  # afterwards every instance replays the stored answer
         again = requests.post(f"{url}/api/dtmf/parse", json=VALID, headers={"Idempotency-Key": "k-1"}, timeout=10)
         assert (again.status_code, again.headers.get("Idempotent-Replayed")) == (200, "true")
-        conflict = requests.post(f"{url}/api/dtmf/parse", json={**VALID, "digits": "0"},
-                                 headers={"Idempotency-Key": "k-1"}, timeout=10)
+        conflict = requests.post(
+            f"{url}/api/dtmf/parse", json={**VALID, "digits": "0"}, headers={"Idempotency-Key": "k-1"}, timeout=10
+        )
         assert (conflict.status_code, conflict.json()["status"]) == (422, "idempotency_conflict")
 
 

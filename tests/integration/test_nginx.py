@@ -15,8 +15,10 @@ from tests.helpers import ROOT, free_port, wait_until
 from tests.integration.conftest import dialect_env
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if shutil.os.path.exists("/usr/sbin/nginx") else None)
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)"),
+]
 
 
 @pytest.fixture
@@ -49,8 +51,11 @@ def nginx(tmp_path):
                 include {tmp_path}/site.conf;
             }}
         """)
-        proc = subprocess.Popen([NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         processes.append(proc)
         url = f"http://127.0.0.1:{port}"
 
@@ -71,9 +76,14 @@ def nginx(tmp_path):
 
 @pytest.fixture
 def behind_nginx(tmp_path, sim_url, gateway_env, start_gunicorn, nginx):
-    env = {**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_PROXY_COUNT": "1",
-           "DTMF_AUDIT_SINKS": "file", "DTMF_AUDIT_FILE_PATH": str(tmp_path / "audit.jsonl"),
-           "DTMF_ACCESS_LOG": str(tmp_path / "gunicorn-access.log")}
+    env = {
+        **gateway_env,
+        **dialect_env("tutorial", sim_url),
+        "DTMF_PROXY_COUNT": "1",
+        "DTMF_AUDIT_SINKS": "file",
+        "DTMF_AUDIT_FILE_PATH": str(tmp_path / "audit.jsonl"),
+        "DTMF_ACCESS_LOG": str(tmp_path / "gunicorn-access.log"),
+    }
     gateway = start_gunicorn(env, workers=2)
     return nginx(gateway.port)
 

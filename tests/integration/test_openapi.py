@@ -25,7 +25,9 @@ def test_request_schema_comes_from_the_validating_schema(client):
     assert request["properties"]["digits"]["pattern"] == "^[0-9*#]{1,16}$"
     assert request["properties"]["timeout_ms"]["type"] == "integer"
     assert (request["properties"]["timeout_ms"]["minimum"], request["properties"]["timeout_ms"]["maximum"]) == (
-        1000, 30000)
+        1000,
+        30000,
+    )
     assert request["properties"]["node_transition_flag"]["type"] == "boolean"
     assert set(request["required"]) == {"interaction_id", "digits", "timeout_ms", "sequence_matrix_key"}
 
@@ -38,8 +40,9 @@ def test_schemathesis_no_500_and_responses_match_the_document(make_app):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         def check(case):
             # Valid requests may meet 409/422 (an Idempotency-Key reused by an earlier example): stateful,
             # documented answers, so the "valid data must be accepted" check is left out; all others run.

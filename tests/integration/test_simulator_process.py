@@ -13,31 +13,57 @@ pytestmark = pytest.mark.slow
 
 def test_simulator_module_serves_both_dialects():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dtmf_service.simulator", "--host", "127.0.0.1", "--port",
-                             str(port)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtmf_service.simulator", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert f"listening on http://127.0.0.1:{port}" in proc.stdout.readline()
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: requests.get(f"{base}/_sim/requests", timeout=1).status_code == 200)
-        token = requests.post(f"{base}/api/v2/oauth/token", data={"grant_type": "client_credentials",
-                              "client_id": "a", "client_secret": "b"}, timeout=5).json()["access_token"]
-        ok = requests.post(f"{base}/api/v2/interactions/c-1/dtmf", json={"digits": "1", "timeout": 1000},
-                           headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        token = requests.post(
+            f"{base}/api/v2/oauth/token",
+            data={"grant_type": "client_credentials", "client_id": "a", "client_secret": "b"},
+            timeout=5,
+        ).json()["access_token"]
+        ok = requests.post(
+            f"{base}/api/v2/interactions/c-1/dtmf",
+            json={"digits": "1", "timeout": 1000},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,
+        )
         assert ok.status_code == 200
-        missing = requests.post(f"{base}/api/v2/interactions/missing-1/dtmf", json={"digits": "1", "timeout": 1000},
-                                headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        missing = requests.post(
+            f"{base}/api/v2/interactions/missing-1/dtmf",
+            json={"digits": "1", "timeout": 1000},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,
+        )
         assert missing.status_code == 404
-        requests.post(f"{base}/_sim/script", json={"target": "dtmf:*", "responses": [
-            {"status": 429, "headers": {"Retry-After": "3"}}]}, timeout=5)
-        limited = requests.post(f"{base}/api/v2/interactions/c-1/dtmf", json={"digits": "1", "timeout": 1000},
-                                headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        requests.post(
+            f"{base}/_sim/script",
+            json={"target": "dtmf:*", "responses": [{"status": 429, "headers": {"Retry-After": "3"}}]},
+            timeout=5,
+        )
+        limited = requests.post(
+            f"{base}/api/v2/interactions/c-1/dtmf",
+            json={"digits": "1", "timeout": 1000},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,
+        )
         assert (limited.status_code, limited.headers["Retry-After"]) == (429, "3")
-        unauthenticated = requests.post(f"{base}/api/v2/interactions/c-1/dtmf",
-                                        json={"digits": "1", "timeout": 1000}, timeout=5)
+        unauthenticated = requests.post(
+            f"{base}/api/v2/interactions/c-1/dtmf", json={"digits": "1", "timeout": 1000}, timeout=5
+        )
         assert unauthenticated.status_code == 401
-        agent = requests.post(f"{base}/InContactAPI/services/v23.0/agent-sessions/s-1/send-dtmf",
-                              json={"dtmfSequence": "1", "toneDurationMS": 340, "toneSpacingMS": 0},
-                              headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        agent = requests.post(
+            f"{base}/InContactAPI/services/v23.0/agent-sessions/s-1/send-dtmf",
+            json={"dtmfSequence": "1", "toneDurationMS": 340, "toneSpacingMS": 0},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,
+        )
         assert agent.status_code == 202
     finally:
         proc.terminate()

@@ -14,10 +14,18 @@ from tests.conftest import VALID
 
 @pytest.fixture
 def agent_config(sim_url, tmp_path):
-    return {"CXONE_API": "agent", "CXONE_AUTH_BASE": sim_url, "CXONE_TENANT_ID": "tenant-1",
-            "CXONE_CLIENT_ID": "app-id", "CXONE_CLIENT_SECRET": "p:ss wörd&=", "CXONE_ACCESS_KEY_ID": "AKID",
-            "CXONE_ACCESS_KEY_SECRET": "ak&secret=+", "ALLOW_UNAUTHENTICATED": True,
-            "AUDIT_SINKS": ["file"], "AUDIT_FILE_PATH": str(tmp_path / "audit.jsonl")}
+    return {
+        "CXONE_API": "agent",
+        "CXONE_AUTH_BASE": sim_url,
+        "CXONE_TENANT_ID": "tenant-1",
+        "CXONE_CLIENT_ID": "app-id",
+        "CXONE_CLIENT_SECRET": "p:ss wörd&=",
+        "CXONE_ACCESS_KEY_ID": "AKID",
+        "CXONE_ACCESS_KEY_SECRET": "ak&secret=+",
+        "ALLOW_UNAUTHENTICATED": True,
+        "AUDIT_SINKS": ["file"],
+        "AUDIT_FILE_PATH": str(tmp_path / "audit.jsonl"),
+    }
 
 
 def test_submission_speaks_the_agent_api(make_app, agent_config, sim):
@@ -28,8 +36,7 @@ def test_submission_speaks_the_agent_api(make_app, agent_config, sim):
     (token,) = sim.seen("token")
     assert token["path"] == "/auth/token"
     assert token["headers"]["authorization"] == "Basic " + base64.b64encode("app-id:p:ss wörd&=".encode()).decode()
-    assert parse_qs(token["body"]) == {"grant_type": ["password"], "username": ["AKID"],
-                                       "password": ["ak&secret=+"]}
+    assert parse_qs(token["body"]) == {"grant_type": ["password"], "username": ["AKID"], "password": ["ak&secret=+"]}
     (dtmf,) = sim.seen("dtmf")
     assert dtmf["path"] == "/InContactAPI/services/v23.0/agent-sessions/call-1/send-dtmf"
     assert json.loads(dtmf["body"]) == {"dtmfSequence": "12#", "toneDurationMS": 340, "toneSpacingMS": 0}
@@ -44,8 +51,7 @@ def test_basic_authorization_is_exact():
 
 
 def test_tone_settings_and_version_are_configurable(make_app, agent_config, sim):
-    app = make_app(**agent_config, CXONE_TONE_DURATION_MS=200, CXONE_TONE_SPACING_MS=50,
-                   CXONE_AGENT_API_VERSION="24.0")
+    app = make_app(**agent_config, CXONE_TONE_DURATION_MS=200, CXONE_TONE_SPACING_MS=50, CXONE_AGENT_API_VERSION="24.0")
     assert app.test_client().post("/api/dtmf/parse", json=VALID).status_code == 200
     (dtmf,) = sim.seen("dtmf")
     assert dtmf["path"].startswith("/InContactAPI/services/v24.0/")
@@ -75,8 +81,12 @@ def test_failed_discovery_is_shared_by_concurrent_requests(make_app, agent_confi
     app = make_app(**agent_config)
     sim.script("discovery", [{"status": 500, "delay_s": 0.5}])
     statuses = []
-    threads = [threading.Thread(target=lambda: statuses.append(
-        app.test_client().post("/api/dtmf/parse", json=VALID).status_code)) for _ in range(10)]
+    threads = [
+        threading.Thread(
+            target=lambda: statuses.append(app.test_client().post("/api/dtmf/parse", json=VALID).status_code)
+        )
+        for _ in range(10)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -109,8 +119,12 @@ def test_missing_keys_stop_start_up_naming_them():
     with pytest.raises(cfg.ConfigError) as info:
         cfg.finalise({"CXONE_API": "agent", "CXONE_CLIENT_ID": "x", "ALLOW_UNAUTHENTICATED": True})
     message = str(info.value)
-    for key in ("CXONE_CLIENT_SECRET", "CXONE_ACCESS_KEY_ID", "CXONE_ACCESS_KEY_SECRET",
-                "CXONE_API_ENDPOINT or CXONE_TENANT_ID"):
+    for key in (
+        "CXONE_CLIENT_SECRET",
+        "CXONE_ACCESS_KEY_ID",
+        "CXONE_ACCESS_KEY_SECRET",
+        "CXONE_API_ENDPOINT or CXONE_TENANT_ID",
+    ):
         assert key in message
     assert "CXONE_API=agent" in message
 

@@ -26,8 +26,7 @@ def test_submitted_body_is_exact(client):
     assert response.mimetype == "application/json"
     assert set(body) == SUBMITTED_KEYS
     assert body["status"] == "dtmf_submitted"
-    assert (body["interaction_id"], body["digits"], body["cxone_status"], body["attempts"]) == (
-        "call-1", "12#", 200, 1)
+    assert (body["interaction_id"], body["digits"], body["cxone_status"], body["attempts"]) == ("call-1", "12#", 200, 1)
     assert isinstance(body["latency_ms"], float)
 
 
@@ -95,8 +94,11 @@ def test_schema_violation_is_400_validation_failed_with_errors(client):
 def test_interaction_not_found_is_404_submission_failed(client):
     response = post(client, {**VALID, "interaction_id": "missing-7"})
     assert response.status_code == 404
-    assert response.get_json() == {"status": "submission_failed", "error": response.get_json()["error"],
-                                   "cxone_status": 404}
+    assert response.get_json() == {
+        "status": "submission_failed",
+        "error": response.get_json()["error"],
+        "cxone_status": 404,
+    }
 
 
 def test_unknown_path_is_json_404(client):
@@ -163,7 +165,8 @@ def test_every_post_counts_once_in_exactly_one_category(client):
     assert body["validation_failures"] == 4
     assert body["submission_failures"] == 1
     assert body["total_submissions"] == (
-        body["successful_parses"] + body["validation_failures"] + body["submission_failures"])
+        body["successful_parses"] + body["validation_failures"] + body["submission_failures"]
+    )
     assert body["accuracy_rate"] == pytest.approx(2 / 7)
     assert body["average_latency_ms"] > 0
 
@@ -187,8 +190,15 @@ def test_metrics_need_memory_exporter(make_app):
 
 
 def test_every_response_is_json_with_status(client):
-    responses = [post(client), post(client, data="{"), post(client, content_type="text/plain"),
-                 client.get("/x"), client.delete("/healthz"), client.get("/healthz"), client.get("/api/metrics")]
+    responses = [
+        post(client),
+        post(client, data="{"),
+        post(client, content_type="text/plain"),
+        client.get("/x"),
+        client.delete("/healthz"),
+        client.get("/healthz"),
+        client.get("/api/metrics"),
+    ]
     for response in responses:
         assert response.mimetype == "application/json"
         body = response.get_json()

@@ -105,7 +105,7 @@ def test_syslog_udp_one_event_per_message():
         wait_until(lambda: server.datagrams, timeout=5)
         message = server.datagrams[0].decode()
         assert message.startswith(f"<{LOCAL0_INFO}>")
-        assert json.loads(message[len(f"<{LOCAL0_INFO}>"):]) == event
+        assert json.loads(message[len(f"<{LOCAL0_INFO}>") :]) == event
     finally:
         server.close()
 
@@ -132,7 +132,7 @@ def test_syslog_tcp_newline_framed_and_facility_configurable():
     thread.join(5)
     listener.close()
     lines = bytes(received).decode().splitlines()
-    assert [json.loads(line[line.index(">") + 1:]) for line in lines] == events
+    assert [json.loads(line[line.index(">") + 1 :]) for line in lines] == events
     assert lines[0].startswith(f"<{4 * 8 + 6}>")
 
 
@@ -150,7 +150,7 @@ def test_syslog_unix_socket(tmp_path):
         event = make_event()
         sink.deliver(event)
         data = server.recv(65536).decode()
-        assert json.loads(data[len(f"<{LOCAL0_INFO}>"):]) == event
+        assert json.loads(data[len(f"<{LOCAL0_INFO}>") :]) == event
     finally:
         server.close()
 
@@ -176,8 +176,12 @@ def test_statsd_names_one_datagram_per_request():
         exporter.record(make_event(outcome="submission_unknown", cxone_status=None))
         wait_until(lambda: len(server.datagrams) == 4, timeout=5)
         first, second, third, fourth = (d.decode().split("\n") for d in server.datagrams)
-        assert first == ["p.total_submissions:1|c", "p.successful_parses:1|c", "p.latency_ms:12.500000|ms",
-                         "p.cxone_status.200:1|c"]
+        assert first == [
+            "p.total_submissions:1|c",
+            "p.successful_parses:1|c",
+            "p.latency_ms:12.500000|ms",
+            "p.cxone_status.200:1|c",
+        ]
         assert second == ["p.total_submissions:1|c", "p.validation_failures:1|c"]
         assert third == ["p.total_submissions:1|c", "p.submission_failures:1|c", "p.cxone_status.404:1|c"]
         assert fourth == ["p.total_submissions:1|c", "p.submission_failures:1|c"]

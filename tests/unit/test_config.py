@@ -31,9 +31,16 @@ def test_defaults():
 
 
 def test_prefixed_environment_sets_keys():
-    config = loaded({"DTMF_CXONE_BASE_URL": "http://127.0.0.1:9/api/v2", "DTMF_CXONE_CLIENT_ID": "id",
-                     "DTMF_CXONE_CLIENT_SECRET": "s", "DTMF_CXONE_MAX_ATTEMPTS": "5",
-                     "DTMF_AUDIT_SINKS": "file, webhook", "DTMF_ALLOW_UNAUTHENTICATED": "true"})
+    config = loaded(
+        {
+            "DTMF_CXONE_BASE_URL": "http://127.0.0.1:9/api/v2",
+            "DTMF_CXONE_CLIENT_ID": "id",
+            "DTMF_CXONE_CLIENT_SECRET": "s",
+            "DTMF_CXONE_MAX_ATTEMPTS": "5",
+            "DTMF_AUDIT_SINKS": "file, webhook",
+            "DTMF_ALLOW_UNAUTHENTICATED": "true",
+        }
+    )
     assert config["CXONE_MAX_ATTEMPTS"] == 5
     assert config["AUDIT_SINKS"] == ["file", "webhook"]
     assert config["CXONE_TOKEN_URL"] == "http://127.0.0.1:9/api/v2/oauth/token"
@@ -42,16 +49,28 @@ def test_prefixed_environment_sets_keys():
 
 @pytest.mark.parametrize("secret", ["12345", "00123", "1e5", "true", "null", "[1]"])
 def test_secrets_stay_strings_even_when_they_look_like_numbers(secret):
-    config = loaded({"DTMF_CXONE_INSTANCE": "acme.my.cxone.com", "DTMF_CXONE_CLIENT_ID": secret,
-                     "DTMF_CXONE_CLIENT_SECRET": secret, "DTMF_API_KEYS": secret})
+    config = loaded(
+        {
+            "DTMF_CXONE_INSTANCE": "acme.my.cxone.com",
+            "DTMF_CXONE_CLIENT_ID": secret,
+            "DTMF_CXONE_CLIENT_SECRET": secret,
+            "DTMF_API_KEYS": secret,
+        }
+    )
     assert config["CXONE_CLIENT_SECRET"] == secret
     assert config["CXONE_CLIENT_ID"] == secret
     assert config["API_KEYS"] == [secret]
 
 
 def test_instance_derives_urls():
-    config = loaded({"DTMF_CXONE_INSTANCE": "acme.my.cxone.com", "DTMF_CXONE_CLIENT_ID": "i",
-                     "DTMF_CXONE_CLIENT_SECRET": "s", "DTMF_API_KEYS": "k"})
+    config = loaded(
+        {
+            "DTMF_CXONE_INSTANCE": "acme.my.cxone.com",
+            "DTMF_CXONE_CLIENT_ID": "i",
+            "DTMF_CXONE_CLIENT_SECRET": "s",
+            "DTMF_API_KEYS": "k",
+        }
+    )
     assert config["CXONE_BASE_URL"] == "https://acme.my.cxone.com/api/v2"
     assert config["CXONE_TOKEN_URL"] == "https://acme.my.cxone.com/api/v2/oauth/token"
 
@@ -76,8 +95,15 @@ def test_config_file_is_read(tmp_path):
         ({"DTMF_CXONE_INSTANCE": "acme.my.cxone.com"}, "CXONE_CLIENT_ID"),
         ({"DTMF_CXONE_INSTANCE": "acme", "DTMF_CXONE_CLIENT_ID": "i", "DTMF_CXONE_CLIENT_SECRET": "s"}, "API_KEYS"),
         ({"DTMF_AUDIT_DIGITS": "hashed"}, "AUDIT_HASH_KEY"),
-        ({"DTMF_CXONE_BASE_URL": "ftp://x", "DTMF_CXONE_CLIENT_ID": "i", "DTMF_CXONE_CLIENT_SECRET": "s",
-          "DTMF_ALLOW_UNAUTHENTICATED": "true"}, "CXONE_BASE_URL"),
+        (
+            {
+                "DTMF_CXONE_BASE_URL": "ftp://x",
+                "DTMF_CXONE_CLIENT_ID": "i",
+                "DTMF_CXONE_CLIENT_SECRET": "s",
+                "DTMF_ALLOW_UNAUTHENTICATED": "true",
+            },
+            "CXONE_BASE_URL",
+        ),
     ],
 )
 def test_bad_values_name_the_key(environ, key):
@@ -94,8 +120,14 @@ def test_secret_values_are_never_echoed_in_errors():
 
 
 def test_outside_sandbox_unauthenticated_needs_explicit_opt_in():
-    config = loaded({"DTMF_CXONE_INSTANCE": "acme", "DTMF_CXONE_CLIENT_ID": "i", "DTMF_CXONE_CLIENT_SECRET": "s",
-                     "DTMF_ALLOW_UNAUTHENTICATED": "true"})
+    config = loaded(
+        {
+            "DTMF_CXONE_INSTANCE": "acme",
+            "DTMF_CXONE_CLIENT_ID": "i",
+            "DTMF_CXONE_CLIENT_SECRET": "s",
+            "DTMF_ALLOW_UNAUTHENTICATED": "true",
+        }
+    )
     assert config["API_KEYS"] == []
 
 

@@ -45,8 +45,16 @@ def make_client(upstream_config, fake_time):
         dialect = make_dialect(config, requests.Session())
         tokens = TokenCache(dialect.fetch_token)
         transport = PooledTransport(config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
-        return CXoneClient(config, dialect, transport, tokens, sleep=fake_time.sleep, clock=fake_time.clock,
-                           wall_clock=lambda: 1_800_000_000.0, rand=lambda: 1.0)
+        return CXoneClient(
+            config,
+            dialect,
+            transport,
+            tokens,
+            sleep=fake_time.sleep,
+            clock=fake_time.clock,
+            wall_clock=lambda: 1_800_000_000.0,
+            rand=lambda: 1.0,
+        )
 
     return factory
 
@@ -72,8 +80,12 @@ def test_token_form_is_url_encoded_so_secrets_arrive_intact(make_client, sim):
     (token,) = sim.seen("token")
     assert token["headers"]["content-type"] == "application/x-www-form-urlencoded"
     form = parse_qs(token["body"])
-    assert form == {"grant_type": ["client_credentials"], "client_id": ["client-id"],
-                    "client_secret": ["a&b=c+d %e"], "scope": ["interaction:write"]}
+    assert form == {
+        "grant_type": ["client_credentials"],
+        "client_id": ["client-id"],
+        "client_secret": ["a&b=c+d %e"],
+        "scope": ["interaction:write"],
+    }
 
 
 def test_token_is_reused_and_connections_kept_alive(make_client, sim):
@@ -116,7 +128,11 @@ def test_still_rate_limited_after_last_attempt_is_503_with_retry_after(make_clie
     sim.script("dtmf:call-1", [{"status": 429, "headers": {"Retry-After": "1"}}] * 3)
     result = submit(make_client())
     assert (result.http_status, result.status, result.cxone_status, result.attempts) == (
-        503, "submission_failed", 429, 3)
+        503,
+        "submission_failed",
+        429,
+        3,
+    )
     assert result.retry_after_s == 1
     assert fake_time.sleeps == [1.0, 1.0]  # never a sleep after the last attempt
 
@@ -140,14 +156,22 @@ def test_other_errors_are_502_and_not_retried(make_client, sim, status, fake_tim
     sim.script("dtmf:call-1", [{"status": status, "body": {"error": "x"}}])
     result = submit(make_client())
     assert (result.http_status, result.status, result.cxone_status, result.attempts) == (
-        502, "submission_failed", status, 1)
+        502,
+        "submission_failed",
+        status,
+        1,
+    )
     assert fake_time.sleeps == []
 
 
 def test_interaction_not_found_is_404(make_client):
     result = submit(make_client(), interaction_id="missing-42")
     assert (result.http_status, result.status, result.cxone_status, result.attempts) == (
-        404, "submission_failed", 404, 1)
+        404,
+        "submission_failed",
+        404,
+        1,
+    )
 
 
 def test_401_refreshes_the_token_once_and_retries(make_client, sim, fake_time):
@@ -180,7 +204,11 @@ def test_connection_dropped_after_sending_is_504_and_not_resent(make_client, sim
     sim.script("dtmf:call-1", [{"status": 200, "drop": True}])
     result = submit(make_client())
     assert (result.http_status, result.status, result.cxone_status, result.attempts) == (
-        504, "submission_unknown", None, 1)
+        504,
+        "submission_unknown",
+        None,
+        1,
+    )
     assert len(sim.seen("dtmf")) == 1
     assert fake_time.sleeps == []
 
@@ -193,15 +221,29 @@ def test_read_timeout_is_504_and_not_resent(make_client, sim):
 
 
 def test_connect_failure_is_retried_then_502(upstream_config, closed_port, fake_time):
-    config = {**upstream_config, "CXONE_BASE_URL": f"http://127.0.0.1:{closed_port}/api/v2",
-              "CXONE_TOKEN_URL": upstream_config["CXONE_BASE_URL"] + "/oauth/token"}
+    config = {
+        **upstream_config,
+        "CXONE_BASE_URL": f"http://127.0.0.1:{closed_port}/api/v2",
+        "CXONE_TOKEN_URL": upstream_config["CXONE_BASE_URL"] + "/oauth/token",
+    }
     cfg.finalise(config)
     dialect = make_dialect(config, requests.Session())
-    client = CXoneClient(config, dialect, PooledTransport(3, 15), TokenCache(dialect.fetch_token),
-                         sleep=fake_time.sleep, clock=fake_time.clock, rand=lambda: 1.0)
+    client = CXoneClient(
+        config,
+        dialect,
+        PooledTransport(3, 15),
+        TokenCache(dialect.fetch_token),
+        sleep=fake_time.sleep,
+        clock=fake_time.clock,
+        rand=lambda: 1.0,
+    )
     result = client.submit("call-1", "1", 5000, "c")
     assert (result.http_status, result.status, result.cxone_status, result.attempts) == (
-        502, "submission_failed", None, 3)
+        502,
+        "submission_failed",
+        None,
+        3,
+    )
     assert fake_time.sleeps == [1.0, 2.0]
 
 
@@ -224,8 +266,14 @@ def test_unreachable_token_endpoint_is_502(upstream_config, closed_port, fake_ti
     config = {**upstream_config, "CXONE_TOKEN_URL": f"http://127.0.0.1:{closed_port}/token"}
     cfg.finalise(config)
     dialect = make_dialect(config, requests.Session())
-    client = CXoneClient(config, dialect, PooledTransport(3, 15), TokenCache(dialect.fetch_token),
-                         sleep=fake_time.sleep, clock=fake_time.clock)
+    client = CXoneClient(
+        config,
+        dialect,
+        PooledTransport(3, 15),
+        TokenCache(dialect.fetch_token),
+        sleep=fake_time.sleep,
+        clock=fake_time.clock,
+    )
     result = client.submit("call-1", "1", 5000, "c")
     assert (result.http_status, result.cxone_status) == (502, None)
 
@@ -253,14 +301,24 @@ def black_hole_port():
 
 
 def test_connect_timeout_is_not_sent_and_retried(upstream_config, black_hole_port, fake_time):
-    config = {**upstream_config, "CXONE_BASE_URL": f"http://127.0.0.1:{black_hole_port}/api/v2",
-              "CXONE_TOKEN_URL": upstream_config["CXONE_BASE_URL"] + "/oauth/token",
-              "CXONE_CONNECT_TIMEOUT_S": 0.2}
+    config = {
+        **upstream_config,
+        "CXONE_BASE_URL": f"http://127.0.0.1:{black_hole_port}/api/v2",
+        "CXONE_TOKEN_URL": upstream_config["CXONE_BASE_URL"] + "/oauth/token",
+        "CXONE_CONNECT_TIMEOUT_S": 0.2,
+    }
     cfg.finalise(config)
     dialect = make_dialect(config, requests.Session())
     transport = PooledTransport(config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
-    client = CXoneClient(config, dialect, transport, TokenCache(dialect.fetch_token),
-                         sleep=fake_time.sleep, clock=fake_time.clock, rand=lambda: 1.0)
+    client = CXoneClient(
+        config,
+        dialect,
+        transport,
+        TokenCache(dialect.fetch_token),
+        sleep=fake_time.sleep,
+        clock=fake_time.clock,
+        rand=lambda: 1.0,
+    )
     started = time.monotonic()
     result = client.submit("call-1", "1", 5000, "c")
     assert (result.http_status, result.cxone_status, result.attempts) == (502, None, 3)

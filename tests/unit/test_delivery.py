@@ -39,9 +39,15 @@ class FlakySink:
 
 @pytest.fixture
 def config(tmp_path):
-    return {"AUDIT_QUEUE_SIZE": 1000, "AUDIT_BATCH_SIZE": 50, "AUDIT_RETRY_ATTEMPTS": 2,
-            "AUDIT_BACKOFF_BASE_S": 0.01, "AUDIT_BACKOFF_MAX_S": 0.05, "AUDIT_SPOOL_MAX_MB": 512,
-            "AUDIT_SPOOL_DIR": str(tmp_path / "spool")}
+    return {
+        "AUDIT_QUEUE_SIZE": 1000,
+        "AUDIT_BATCH_SIZE": 50,
+        "AUDIT_RETRY_ATTEMPTS": 2,
+        "AUDIT_BACKOFF_BASE_S": 0.01,
+        "AUDIT_BACKOFF_MAX_S": 0.05,
+        "AUDIT_SPOOL_MAX_MB": 512,
+        "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
+    }
 
 
 @pytest.fixture
@@ -154,9 +160,15 @@ def test_spool_is_bounded_oldest_dropped_and_counted(tmp_path, caplog):
 
 
 def _drain_into_file(spool_dir, out_path, metrics_dir):
-    config = {"AUDIT_QUEUE_SIZE": 100, "AUDIT_BATCH_SIZE": 7, "AUDIT_RETRY_ATTEMPTS": 1,
-              "AUDIT_BACKOFF_BASE_S": 0.01, "AUDIT_BACKOFF_MAX_S": 0.01, "AUDIT_SPOOL_MAX_MB": 512,
-              "AUDIT_SPOOL_DIR": spool_dir}
+    config = {
+        "AUDIT_QUEUE_SIZE": 100,
+        "AUDIT_BATCH_SIZE": 7,
+        "AUDIT_RETRY_ATTEMPTS": 1,
+        "AUDIT_BACKOFF_BASE_S": 0.01,
+        "AUDIT_BACKOFF_MAX_S": 0.01,
+        "AUDIT_SPOOL_MAX_MB": 512,
+        "AUDIT_SPOOL_DIR": spool_dir,
+    }
     worker = SinkWorker("file", FileSink(out_path, "never"), config, SharedCounters(metrics_dir))
     for _ in range(3):
         worker._drain_spool()
@@ -172,8 +184,7 @@ def test_workers_share_one_spool_without_double_delivery(tmp_path):
         spool.append(batch)
     out = tmp_path / "audit.jsonl"
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_drain_into_file, args=(spool_dir, str(out), str(tmp_path / "m")))
-             for _ in range(4)]
+    procs = [ctx.Process(target=_drain_into_file, args=(spool_dir, str(out), str(tmp_path / "m"))) for _ in range(4)]
     for p in procs:
         p.start()
     for p in procs:

@@ -9,20 +9,46 @@ import pytest
 
 from dtmf_service.events import Redactor, build_event
 
-FIELDS = {"event_id", "timestamp", "client_ip", "interaction_id", "digits", "timeout_ms", "sequence_matrix",
-          "node_transition", "latency_ms", "cxone_status", "cxone_response", "validation_passed", "outcome"}
+FIELDS = {
+    "event_id",
+    "timestamp",
+    "client_ip",
+    "interaction_id",
+    "digits",
+    "timeout_ms",
+    "sequence_matrix",
+    "node_transition",
+    "latency_ms",
+    "cxone_status",
+    "cxone_response",
+    "validation_passed",
+    "outcome",
+}
 
 
 def event(redactor=None, **kw):
-    args = dict(client_ip="127.0.0.1", sent=None, valid=None, invalid_fields=set(), latency_ms=1.5,
-                cxone_status=None, cxone_response=None, outcome="invalid_request",
-                redactor=redactor or Redactor({}))
+    args = dict(
+        client_ip="127.0.0.1",
+        sent=None,
+        valid=None,
+        invalid_fields=set(),
+        latency_ms=1.5,
+        cxone_status=None,
+        cxone_response=None,
+        outcome="invalid_request",
+        redactor=redactor or Redactor({}),
+    )
     args.update(kw)
     return build_event(**args)
 
 
-VALID = {"interaction_id": "c1", "digits": "1234", "timeout_ms": 5000, "sequence_matrix_key": "menu",
-         "node_transition_flag": False}
+VALID = {
+    "interaction_id": "c1",
+    "digits": "1234",
+    "timeout_ms": 5000,
+    "sequence_matrix_key": "menu",
+    "node_transition_flag": False,
+}
 
 
 def test_event_has_every_field():
@@ -31,20 +57,37 @@ def test_event_has_every_field():
     uuid.UUID(e["event_id"], version=4)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["timestamp"])
     assert (e["digits"], e["sequence_matrix"], e["node_transition"], e["validation_passed"]) == (
-        "1234", "menu", False, True)
+        "1234",
+        "menu",
+        False,
+        True,
+    )
 
 
 def test_fields_not_sent_are_null():
     e = event()
-    assert all(e[k] is None for k in ("interaction_id", "digits", "timeout_ms", "sequence_matrix",
-                                      "node_transition", "cxone_status", "cxone_response"))
+    assert all(
+        e[k] is None
+        for k in (
+            "interaction_id",
+            "digits",
+            "timeout_ms",
+            "sequence_matrix",
+            "node_transition",
+            "cxone_status",
+            "cxone_response",
+        )
+    )
     assert e["validation_passed"] is False
 
 
 def test_invalid_values_recorded_as_sent_text_cut_to_256():
     sent = {"interaction_id": "x" * 300, "timeout_ms": 5000.5, "node_transition_flag": "yes", "digits": "12A"}
-    e = event(sent=sent, invalid_fields={"interaction_id", "timeout_ms", "node_transition_flag", "digits"},
-              outcome="validation_failed")
+    e = event(
+        sent=sent,
+        invalid_fields={"interaction_id", "timeout_ms", "node_transition_flag", "digits"},
+        outcome="validation_failed",
+    )
     assert e["interaction_id"] == "x" * 256
     assert e["timeout_ms"] == "5000.5"
     assert e["node_transition"] == "yes"
@@ -88,8 +131,13 @@ def test_cxone_echo_of_the_digits_is_redacted_too():
 def test_sandbox_cannot_be_forced_from_the_environment():
     from dtmf_service import config as cfg
 
-    config = {"SANDBOX": True, "CXONE_INSTANCE": "acme", "CXONE_CLIENT_ID": "i", "CXONE_CLIENT_SECRET": "s",
-              "ALLOW_UNAUTHENTICATED": True}
+    config = {
+        "SANDBOX": True,
+        "CXONE_INSTANCE": "acme",
+        "CXONE_CLIENT_ID": "i",
+        "CXONE_CLIENT_SECRET": "s",
+        "ALLOW_UNAUTHENTICATED": True,
+    }
     cfg.finalise(config)
     assert config["SANDBOX"] is False
     assert config["CXONE_BASE_URL"] == "https://acme/api/v2"

@@ -79,8 +79,9 @@ def test_rate_limited_answer_is_not_stored_so_a_retry_is_processed(app, client):
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
 def test_malformed_key_is_400(client, key):
-    response = client.post("/api/dtmf/parse", json=VALID, headers={"Idempotency-Key": key.encode("utf-8").decode(
-        "latin-1")})
+    response = client.post(
+        "/api/dtmf/parse", json=VALID, headers={"Idempotency-Key": key.encode("utf-8").decode("latin-1")}
+    )
     assert response.status_code == 400
     assert response.get_json()["status"] == "invalid_request"
 
@@ -112,7 +113,7 @@ def test_the_store_never_holds_the_digits(app, client, tmp_path):
     replay = post(client, {**VALID, "digits": "4111111111111111"})
     assert replay.get_json() == first.get_json()
     assert replay.get_json()["digits"] == "4111111111111111"
-    path = app.config["IDEMPOTENCY_STORE"][len("sqlite:///"):]
+    path = app.config["IDEMPOTENCY_STORE"][len("sqlite:///") :]
     rows = sqlite3.connect(path).execute("SELECT body FROM idempotency").fetchall()
     assert rows and all("4111" not in (body or "") for (body,) in rows)
 
@@ -125,6 +126,6 @@ def test_fingerprint_is_keyed_when_a_hash_key_is_set(make_app):
     client = app.test_client()
     body = b'{"interaction_id":"call-1","digits":"1234","timeout_ms":5000,"sequence_matrix_key":"m"}'
     client.post("/api/dtmf/parse", data=body, content_type="application/json", headers={"Idempotency-Key": "x"})
-    path = app.config["IDEMPOTENCY_STORE"][len("sqlite:///"):]
+    path = app.config["IDEMPOTENCY_STORE"][len("sqlite:///") :]
     (stored,) = sqlite3.connect(path).execute("SELECT fingerprint FROM idempotency").fetchone()
     assert stored != hashlib.sha256(body).hexdigest()

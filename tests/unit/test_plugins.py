@@ -16,8 +16,7 @@ THIS_FILE = inspect.getsource(sys.modules[__name__])
 
 
 def hook_names():
-    return sorted(name for name, value in vars(hookspecs).items()
-                  if name.startswith("dtmf_") and callable(value))
+    return sorted(name for name, value in vars(hookspecs).items() if name.startswith("dtmf_") and callable(value))
 
 
 def test_every_hook_has_a_test():
@@ -103,8 +102,12 @@ def test_failing_exporter_and_sink_never_affect_others_or_the_caller(make_app, p
             return Broken() if name == "broken" else None
     """)
     good = plugin_module(COLLECTING)
-    app = make_app(PLUGINS=[broken, good], AUDIT_SINKS=["broken", "collect"],
-                   METRICS_EXPORTERS=["broken", "memory", "collect"], AUDIT_RETRY_ATTEMPTS=1)
+    app = make_app(
+        PLUGINS=[broken, good],
+        AUDIT_SINKS=["broken", "collect"],
+        METRICS_EXPORTERS=["broken", "memory", "collect"],
+        AUDIT_RETRY_ATTEMPTS=1,
+    )
     client = app.test_client()
     assert client.post("/api/dtmf/parse", json=VALID).status_code == 200
     app.extensions["dtmf"].delivery.workers["collect"].flush(5)
@@ -146,12 +149,34 @@ def test_sink_without_deliver_is_refused(make_app, plugin_module):
 def test_builtin_plugins_resolve_from_an_installed_package(tmp_path):
     """A plain (non-editable) install finds the built-ins as dtmf_service.builtin_plugins."""
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, capture_output=True)
-    code = ("import dtmf_service.builtin_plugins.file as f, dtmf_service;"
-            f"print(f.__file__.startswith({str(target)!r}), dtmf_service.__file__.startswith({str(target)!r}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
-                         capture_output=True, text=True, check=True).stdout
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    code = (
+        "import dtmf_service.builtin_plugins.file as f, dtmf_service;"
+        f"print(f.__file__.startswith({str(target)!r}), dtmf_service.__file__.startswith({str(target)!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.split() == ["True", "True"]
     assert not (target / "plugins").exists()  # the generic name "plugins" is never installed top-level
 
@@ -160,7 +185,8 @@ def test_third_party_plugin_through_its_entry_point(tmp_path):
     """A plugin package installed with pip, found through the dtmf_service entry-point group."""
     package = tmp_path / "acme_sink"
     (package / "acme_sink").mkdir(parents=True)
-    (package / "acme_sink" / "__init__.py").write_text(textwrap.dedent("""
+    (package / "acme_sink" / "__init__.py").write_text(
+        textwrap.dedent("""
         from dtmf_service import hookimpl
 
         class AcmeSink:
@@ -170,8 +196,10 @@ def test_third_party_plugin_through_its_entry_point(tmp_path):
         @hookimpl
         def dtmf_audit_sink(name, config):
             return AcmeSink() if name == "acme" else None
-    """))
-    (package / "setup.cfg").write_text(textwrap.dedent("""
+    """)
+    )
+    (package / "setup.cfg").write_text(
+        textwrap.dedent("""
         [metadata]
         name = acme-dtmf-sink
         version = 1.0
@@ -182,21 +210,38 @@ def test_third_party_plugin_through_its_entry_point(tmp_path):
         [options.entry_points]
         dtmf_service =
             acme = acme_sink
-    """))
-    (package / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\n'
-                                            'build-backend = "setuptools.build_meta"\n')
+    """)
+    )
+    (package / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+    )
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(package)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(package),
+        ],
+        check=True,
+        capture_output=True,
+    )
     script = textwrap.dedent(f"""
         from dtmf_service import create_app
-        app = create_app({{"AUDIT_SINKS": ["acme"], "METRICS_DIR": {str(tmp_path / 'm')!r},
-                          "AUDIT_SPOOL_DIR": {str(tmp_path / 's')!r},
-                          "IDEMPOTENCY_STORE": "sqlite:///{tmp_path / 'i.db'}"}})
+        app = create_app({{"AUDIT_SINKS": ["acme"], "METRICS_DIR": {str(tmp_path / "m")!r},
+                          "AUDIT_SPOOL_DIR": {str(tmp_path / "s")!r},
+                          "IDEMPOTENCY_STORE": "sqlite:///{tmp_path / "i.db"}"}})
         r = app.test_client().post("/api/dtmf/parse", json={VALID!r})
         app.extensions["dtmf"].close(5)
     """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={"PYTHONPATH": f"{target}:{ROOT}"},
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env={"PYTHONPATH": f"{target}:{ROOT}"}, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert "ACME dtmf_submitted" in out.stdout

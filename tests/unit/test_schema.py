@@ -42,8 +42,27 @@ def test_interaction_id_accepts(value):
 
 @pytest.mark.parametrize(
     "value",
-    ["", ".hidden", "-x", "_x", ":x", "x" * 129, "a/b", "a?b", "a#b", "a%2F", "a b", "abc\n", "\nabc", "é", "a\u0000",
-     "١٢", 5, None, ["a"]],
+    [
+        "",
+        ".hidden",
+        "-x",
+        "_x",
+        ":x",
+        "x" * 129,
+        "a/b",
+        "a?b",
+        "a#b",
+        "a%2F",
+        "a b",
+        "abc\n",
+        "\nabc",
+        "é",
+        "a\u0000",
+        "١٢",
+        5,
+        None,
+        ["a"],
+    ],
 )
 def test_interaction_id_rejects(value):
     assert "interaction_id" in errors_for(interaction_id=value)
@@ -82,8 +101,9 @@ def test_sequence_key_accepts(value):
     assert errors_for(sequence_matrix_key=value) == {}
 
 
-@pytest.mark.parametrize("value", ["", "x" * 129, "a\nb", "a\rb", "a\tb", "a\x00", "a\x1b[31m", "a\x7f", "a\x85",
-                                   "a\u2028b", 7, None])
+@pytest.mark.parametrize(
+    "value", ["", "x" * 129, "a\nb", "a\rb", "a\tb", "a\x00", "a\x1b[31m", "a\x7f", "a\x85", "a\u2028b", 7, None]
+)
 def test_sequence_key_rejects(value):
     assert "sequence_matrix_key" in errors_for(sequence_matrix_key=value)
 

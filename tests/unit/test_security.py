@@ -20,8 +20,10 @@ def auth(key):
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.mark.parametrize("headers", [{}, auth("wrong"), {"Authorization": "key-old-0001"},
-                                     {"Authorization": "Basic a2V5LW9sZC0wMDAxOg=="}, auth("")])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, auth("wrong"), {"Authorization": "key-old-0001"}, {"Authorization": "Basic a2V5LW9sZC0wMDAxOg=="}, auth("")],
+)
 def test_missing_or_wrong_key_is_401_json(secured, headers):
     response = secured.post("/api/dtmf/parse", json=VALID, headers=headers)
     assert response.status_code == 401
@@ -78,8 +80,12 @@ def webhook():
     ],
 )
 def test_redaction_applies_to_every_sink_and_exporter(make_app, tmp_path, webhook, settings, expected):
-    app = make_app(AUDIT_SINKS=["file", "webhook"], AUDIT_FILE_PATH=str(tmp_path / "a.jsonl"),
-                   AUDIT_WEBHOOK_URL=webhook.url, **settings)
+    app = make_app(
+        AUDIT_SINKS=["file", "webhook"],
+        AUDIT_FILE_PATH=str(tmp_path / "a.jsonl"),
+        AUDIT_WEBHOOK_URL=webhook.url,
+        **settings,
+    )
     app.test_client().post("/api/dtmf/parse", json={**VALID, "digits": "4111#", "sequence_matrix_key": "pay.card"})
     app.extensions["dtmf"].delivery.flush(5)
     (line,) = (tmp_path / "a.jsonl").read_text().splitlines()
@@ -98,15 +104,20 @@ def test_webhook_is_signed_when_a_secret_is_set(make_app, webhook):
 
 def test_audit_event_records_the_real_client_behind_proxy_count(make_app, tmp_path):
     app = make_app(AUDIT_SINKS=["file"], AUDIT_FILE_PATH=str(tmp_path / "a.jsonl"), PROXY_COUNT=1)
-    app.test_client().post("/api/dtmf/parse", json=VALID, headers={"X-Forwarded-For": "6.6.6.6, 10.1.2.3"},
-                           environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    app.test_client().post(
+        "/api/dtmf/parse",
+        json=VALID,
+        headers={"X-Forwarded-For": "6.6.6.6, 10.1.2.3"},
+        environ_base={"REMOTE_ADDR": "127.0.0.1"},
+    )
     app.extensions["dtmf"].delivery.flush(5)
     assert json.loads((tmp_path / "a.jsonl").read_text())["client_ip"] == "10.1.2.3"
 
 
 def test_forwarded_for_is_ignored_without_proxy_count(make_app, tmp_path):
     app = make_app(AUDIT_SINKS=["file"], AUDIT_FILE_PATH=str(tmp_path / "a.jsonl"))
-    app.test_client().post("/api/dtmf/parse", json=VALID, headers={"X-Forwarded-For": "6.6.6.6"},
-                           environ_base={"REMOTE_ADDR": "127.0.0.9"})
+    app.test_client().post(
+        "/api/dtmf/parse", json=VALID, headers={"X-Forwarded-For": "6.6.6.6"}, environ_base={"REMOTE_ADDR": "127.0.0.9"}
+    )
     app.extensions["dtmf"].delivery.flush(5)
     assert json.loads((tmp_path / "a.jsonl").read_text())["client_ip"] == "127.0.0.9"
