@@ -73,6 +73,7 @@ def on_starting(server):
     _metrics.wipe(directory)
     # Fail fast in the master, with one line, on a bad configuration or an unknown plugin name.
     from dtmf_service import config as cfg
+    from dtmf_service.idempotency import Idempotency
     from dtmf_service.pluginmanager import check_plugins
 
     probe = {}
@@ -80,6 +81,8 @@ def on_starting(server):
         cfg.load_sources(probe)
         cfg.finalise(probe)
         check_plugins(probe)
+        # Prepare the idempotency store once here, so the workers do not all race to create it.
+        Idempotency.from_config(probe).close()
     except cfg.ConfigError as exc:
         logging.getLogger("gunicorn.error").error("dtmf-gateway: configuration error: %s", exc)
         raise SystemExit(4) from None

@@ -154,11 +154,30 @@ class SqliteStore:
         os.makedirs(directory, exist_ok=True)
         self._local = threading.local()
         self._claims = 0
-        with self._connect() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
-                " state TEXT NOT NULL, status INTEGER, body TEXT, headers TEXT, expires REAL NOT NULL)"
-            )
+        self._initialise()
+
+    def _initialise(self, patience_s: float = 15.0) -> None:
+        """WAL mode and the table, once per file. Workers booting at the same moment race for the
+        exclusive lock the WAL switch takes, and SQLite answers "locked" without waiting: retry."""
+        deadline = time.monotonic() + patience_s
+        delay = 0.01
+        while True:
+            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
+                    " state TEXT NOT NULL, status INTEGER, body TEXT, headers TEXT, expires REAL NOT NULL)"
+                )
+                return
+            except sqlite3.OperationalError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            finally:
+                db.close()
 
     def _connect(self) -> sqlite3.Connection:
         # One connection per thread and per process: sqlite connections survive neither sharing nor fork.
@@ -166,8 +185,7 @@ class SqliteStore:
         db = getattr(self._local, "db", None)
         if db is None or getattr(self._local, "owner", None) != owner:
             db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # per connection; WAL itself is set once in the file
             self._local.db, self._local.owner = db, owner
         return db
 

@@ -129,3 +129,30 @@ def test_fingerprint_is_keyed_when_a_hash_key_is_set(make_app):
     path = app.config["IDEMPOTENCY_STORE"][len("sqlite:///") :]
     (stored,) = sqlite3.connect(path).execute("SELECT fingerprint FROM idempotency").fetchone()
     assert stored != hashlib.sha256(body).hexdigest()
+
+
+def _open_store_at_once(path, barrier, errors):
+    from dtmf_service.idempotency import SqliteStore
+
+    barrier.wait(10)
+    try:
+        SqliteStore(path).close()
+    except Exception as exc:
+        errors.put(repr(exc))
+
+
+def test_workers_booting_together_all_open_a_fresh_sqlite_store(tmp_path):
+    """Eight processes create the same new store at the same instant (as gunicorn workers booting)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        path = str(tmp_path / f"fresh-{attempt}.db")
+        barrier, errors = ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=_open_store_at_once, args=(path, barrier, errors)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert errors.empty(), errors.get()
+        assert all(p.exitcode == 0 for p in procs)
