@@ -143,8 +143,11 @@ class Server:
         raise RuntimeError(f"{app} did not start")
 
     def pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [self.proc.pid, *(int(p) for p in out.split())]
+        try:  # the master and its workers, from /proc (no procps needed)
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return [self.proc.pid, *(int(p) for p in children)]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -27,6 +27,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc (no procps needed)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,8 +101,7 @@ class Gunicorn:
 
     def worker_pids(self) -> list[int]:
         assert self.proc is not None
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        return child_pids(self.proc.pid)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
         if self.proc is None or self.proc.poll() is not None:

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import BIN, ROOT, free_port, post, wait_until
+from tests.helpers import BIN, ROOT, child_pids, free_port, post, wait_until
 from tests.integration.conftest import dialect_env
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def test_gunicorn_conf_reads_bind_workers_threads_from_the_environment(tmp_path,
     )
     try:
         wait_until(lambda: _healthy(f"http://127.0.0.1:{port}"), timeout=20)
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = child_pids(proc.pid)
         assert len(workers) == 3
     finally:
         proc.send_signal(signal.SIGTERM)
