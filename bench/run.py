@@ -159,23 +159,28 @@ class Server:
                 self.proc.wait(5)
 
 
+def wrk_command(wrk: str, url: str, connections: int, seconds: float, threads: int) -> list[str]:
+    """wrk posting bench/post.lua's body for a fixed time; BURST_SHARE in the environment picks the mix."""
+    return [
+        wrk,
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(seconds))}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(ROOT / "bench" / "post.lua"),
+        f"{url}/api/dtmf/parse",
+    ]
+
+
 def run_wrk(wrk: str, url: str, connections: int, seconds: float, burst_share: float = 0.0) -> dict[str, Any]:
     threads = min(connections, 2)
     proc = subprocess.run(
-        [
-            wrk,
-            "-t",
-            str(threads),
-            "-c",
-            str(connections),
-            "-d",
-            f"{max(1, round(seconds))}s",
-            "--timeout",
-            "30s",
-            "-s",
-            str(ROOT / "bench" / "post.lua"),
-            f"{url}/api/dtmf/parse",
-        ],
+        wrk_command(wrk, url, connections, seconds, threads),
         capture_output=True,
         text=True,
         env={**os.environ, "BURST_SHARE": str(burst_share)},
@@ -371,20 +376,7 @@ def burst_scenario(wrk: str, gateway: tuple[str, dict[str, str]], seconds: float
             burst_proc = None
             if with_burst:
                 burst_proc = subprocess.Popen(
-                    [
-                        wrk,
-                        "-t",
-                        "1",
-                        "-c",
-                        "16",
-                        "-d",
-                        f"{max(1, round(seconds))}s",
-                        "--timeout",
-                        "30s",
-                        "-s",
-                        str(ROOT / "bench" / "post.lua"),
-                        f"{server.url}/api/dtmf/parse",
-                    ],
+                    wrk_command(wrk, server.url, 16, seconds, threads=1),
                     stdout=subprocess.PIPE,
                     text=True,
                     env={**os.environ, "BURST_SHARE": "1"},

@@ -220,24 +220,12 @@ def test_read_timeout_is_504_and_not_resent(make_client, sim):
     assert len(sim.seen("dtmf")) == 1
 
 
-def test_connect_failure_is_retried_then_502(upstream_config, closed_port, fake_time):
-    config = {
-        **upstream_config,
-        "CXONE_BASE_URL": f"http://127.0.0.1:{closed_port}/api/v2",
-        "CXONE_TOKEN_URL": upstream_config["CXONE_BASE_URL"] + "/oauth/token",
-    }
-    cfg.finalise(config)
-    dialect = make_dialect(config, requests.Session())
-    client = CXoneClient(
-        config,
-        dialect,
-        PooledTransport(3, 15),
-        TokenCache(dialect.fetch_token),
-        sleep=fake_time.sleep,
-        clock=fake_time.clock,
-        rand=lambda: 1.0,
+def test_connect_failure_is_retried_then_502(make_client, upstream_config, closed_port, fake_time):
+    client = make_client(
+        CXONE_BASE_URL=f"http://127.0.0.1:{closed_port}/api/v2",
+        CXONE_TOKEN_URL=upstream_config["CXONE_BASE_URL"] + "/oauth/token",
     )
-    result = client.submit("call-1", "1", 5000, "c")
+    result = submit(client)
     assert (result.http_status, result.status, result.cxone_status, result.attempts) == (
         502,
         "submission_failed",
@@ -262,19 +250,8 @@ def test_rejected_credentials_are_502_with_a_clear_error(make_client, sim):
     assert "s3cr" not in result.error
 
 
-def test_unreachable_token_endpoint_is_502(upstream_config, closed_port, fake_time):
-    config = {**upstream_config, "CXONE_TOKEN_URL": f"http://127.0.0.1:{closed_port}/token"}
-    cfg.finalise(config)
-    dialect = make_dialect(config, requests.Session())
-    client = CXoneClient(
-        config,
-        dialect,
-        PooledTransport(3, 15),
-        TokenCache(dialect.fetch_token),
-        sleep=fake_time.sleep,
-        clock=fake_time.clock,
-    )
-    result = client.submit("call-1", "1", 5000, "c")
+def test_unreachable_token_endpoint_is_502(make_client, closed_port):
+    result = submit(make_client(CXONE_TOKEN_URL=f"http://127.0.0.1:{closed_port}/token"))
     assert (result.http_status, result.cxone_status) == (502, None)
 
 
@@ -300,27 +277,14 @@ def black_hole_port():
         sock.close()
 
 
-def test_connect_timeout_is_not_sent_and_retried(upstream_config, black_hole_port, fake_time):
-    config = {
-        **upstream_config,
-        "CXONE_BASE_URL": f"http://127.0.0.1:{black_hole_port}/api/v2",
-        "CXONE_TOKEN_URL": upstream_config["CXONE_BASE_URL"] + "/oauth/token",
-        "CXONE_CONNECT_TIMEOUT_S": 0.2,
-    }
-    cfg.finalise(config)
-    dialect = make_dialect(config, requests.Session())
-    transport = PooledTransport(config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
-    client = CXoneClient(
-        config,
-        dialect,
-        transport,
-        TokenCache(dialect.fetch_token),
-        sleep=fake_time.sleep,
-        clock=fake_time.clock,
-        rand=lambda: 1.0,
+def test_connect_timeout_is_not_sent_and_retried(make_client, upstream_config, black_hole_port, fake_time):
+    client = make_client(
+        CXONE_BASE_URL=f"http://127.0.0.1:{black_hole_port}/api/v2",
+        CXONE_TOKEN_URL=upstream_config["CXONE_BASE_URL"] + "/oauth/token",
+        CXONE_CONNECT_TIMEOUT_S=0.2,
     )
     started = time.monotonic()
-    result = client.submit("call-1", "1", 5000, "c")
+    result = submit(client)
     assert (result.http_status, result.cxone_status, result.attempts) == (502, None, 3)
     assert fake_time.sleeps == [1.0, 2.0]  # retried: nothing can have reached CXone
     assert time.monotonic() - started < 3  # each attempt gave up after the 0.2 s connect timeout

@@ -146,9 +146,8 @@ def test_sink_without_deliver_is_refused(make_app, plugin_module):
         make_app(PLUGINS=[name], AUDIT_SINKS=["odd"])
 
 
-def test_builtin_plugins_resolve_from_an_installed_package(tmp_path):
-    """A plain (non-editable) install finds the built-ins as dtmf_service.builtin_plugins."""
-    target = tmp_path / "site"
+def pip_install(target, source):
+    """A plain (non-editable) ``pip install --target``, offline: no dependencies, no build isolation."""
     subprocess.run(
         [
             sys.executable,
@@ -160,11 +159,17 @@ def test_builtin_plugins_resolve_from_an_installed_package(tmp_path):
             "--no-build-isolation",
             "--target",
             str(target),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
     )
+
+
+def test_builtin_plugins_resolve_from_an_installed_package(tmp_path):
+    """A plain (non-editable) install finds the built-ins as dtmf_service.builtin_plugins."""
+    target = tmp_path / "site"
+    pip_install(target, ROOT)
     code = (
         "import dtmf_service.builtin_plugins.file as f, dtmf_service;"
         f"print(f.__file__.startswith({str(target)!r}), dtmf_service.__file__.startswith({str(target)!r}))"
@@ -216,22 +221,7 @@ def test_third_party_plugin_through_its_entry_point(tmp_path):
         '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
     )
     target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(package),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    pip_install(target, package)
     script = textwrap.dedent(f"""
         from dtmf_service import create_app
         app = create_app({{"AUDIT_SINKS": ["acme"], "METRICS_DIR": {str(tmp_path / "m")!r},
