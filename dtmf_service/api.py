@@ -42,14 +42,25 @@ def parse() -> Response:
         attempt.outcome = "internal_error"
         response, counted = error_response(500, "internal_error"), True
     if counted:
-        gw.record(attempt, client_ip=request.remote_addr, latency_ms=_elapsed_ms(started))
+        # The figure the caller saw is the one audited and averaged, so they always agree.
+        latency_ms = attempt.latency_ms if attempt.latency_ms is not None else _elapsed_ms(started)
+        gw.record(attempt, client_ip=request.remote_addr, latency_ms=latency_ms)
     return response
 
 
 class Attempt:
     """What one POST produced, for the audit event and the metrics."""
 
-    __slots__ = ("event_id", "sent", "valid", "invalid_fields", "outcome", "cxone_status", "cxone_response")
+    __slots__ = (
+        "event_id",
+        "sent",
+        "valid",
+        "invalid_fields",
+        "outcome",
+        "cxone_status",
+        "cxone_response",
+        "latency_ms",
+    )
 
     def __init__(self) -> None:
         self.event_id = str(uuid.uuid4())  # also the CorrelationId sent upstream
@@ -59,6 +70,7 @@ class Attempt:
         self.outcome: str | None = None
         self.cxone_status: int | None = None
         self.cxone_response: str | None = None
+        self.latency_ms: float | None = None
 
 
 def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, bool]:
@@ -107,6 +119,7 @@ def _submit(gw: Gateway, attempt: Attempt, valid: dict[str, Any], started: float
     attempt.cxone_status = result.cxone_status
     attempt.cxone_response = result.cxone_response
     if result.http_status == 200:
+        attempt.latency_ms = _elapsed_ms(started)
         return json_response(
             {
                 "status": "dtmf_submitted",
@@ -114,7 +127,7 @@ def _submit(gw: Gateway, attempt: Attempt, valid: dict[str, Any], started: float
                 "digits": valid["digits"],
                 "cxone_status": result.cxone_status,
                 "attempts": result.attempts,
-                "latency_ms": _elapsed_ms(started),
+                "latency_ms": attempt.latency_ms,
             }
         )
     log.warning(

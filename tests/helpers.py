@@ -45,6 +45,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+def healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/healthz", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 class Gunicorn:
     """A real gunicorn master running app:app with gunicorn.conf.py on a free loopback port."""
 
@@ -90,11 +97,9 @@ class Gunicorn:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text()[-3000:] if self.log_path else ""
                 raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{tail}")
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
+            # Healthy means one worker answers; tests that count or kill workers need all of them.
+            if len(self.worker_pids()) == self.workers and healthy(self.url):
+                return self
             time.sleep(0.1)
         self.stop()
         raise RuntimeError("gunicorn did not become healthy")

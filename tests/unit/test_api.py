@@ -174,7 +174,7 @@ def test_every_post_counts_once_in_exactly_one_category(client):
 def test_average_latency_is_over_successful_submissions_only(client):
     latencies = [post(client).get_json()["latency_ms"] for _ in range(3)]
     post(client, {**VALID, "interaction_id": "missing-1"})
-    assert metrics(client)["average_latency_ms"] == pytest.approx(sum(latencies) / 3, abs=0.5)
+    assert metrics(client)["average_latency_ms"] == pytest.approx(sum(latencies) / 3, abs=0.001)
 
 
 def test_get_on_parse_is_not_counted(client):

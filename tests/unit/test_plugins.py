@@ -70,10 +70,12 @@ COLLECTING = """
 def test_hook_dtmf_audit_sink(make_app, plugin_module):
     name = plugin_module(COLLECTING)
     app = make_app(PLUGINS=[name], AUDIT_SINKS=["collect"])
-    app.test_client().post("/api/dtmf/parse", json=VALID)
+    answer = app.test_client().post("/api/dtmf/parse", json=VALID).get_json()
     app.extensions["dtmf"].delivery.flush(5)
     events = [e for e in sys.modules[name].EVENTS if isinstance(e, dict)]
     assert [e["outcome"] for e in events] == ["dtmf_submitted"]
+    # The audit record holds the latency the caller was told, not a later reading of the clock.
+    assert events[0]["latency_ms"] == answer["latency_ms"]
 
 
 def test_hook_dtmf_metrics_exporter(make_app, plugin_module):
