@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint format simulator bench bench-quick clean
+.PHONY: run test lint format simulator bench bench-quick soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench: $(RUN_STAMP)  ## the full benchmark (about 4 minutes)
 
 bench-quick: $(RUN_STAMP)  ## a benchmark in under a minute
 	$(BIN)/python -m bench.run --quick
+
+soak: $(RUN_STAMP)  ## audit soak: webhook down for 60 s under load, gunicorn restarted (about 2 minutes)
+	$(BIN)/python -m bench.soak_audit
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .ruff_cache

@@ -11,10 +11,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from .hookspecs import hookimpl
+from .hookspecs import DeliveryIncomplete, hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["create_app", "hookimpl", "__version__"]
+__all__ = ["DeliveryIncomplete", "create_app", "hookimpl", "__version__"]
 
 log = logging.getLogger("dtmf_service")
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from .hookspecs import DeliveryIncomplete
 from .metrics import SharedCounters
 from .retry import backoff_delay
 from .spool import Spool
@@ -147,23 +148,33 @@ class SinkWorker:
         return False
 
     def _deliver(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Try each event once; return those not delivered (from the first failure on)."""
+        """Try each event once; return those not delivered."""
         many = getattr(self.sink, "deliver_many", None)
         done = 0
+        left: list[dict[str, Any]] = []
         try:
             if many is not None:
-                many(events)  # all or nothing
+                many(events)
                 done = len(events)
             else:
                 for event in events:
                     self.sink.deliver(event)
                     done += 1
+        except DeliveryIncomplete as exc:
+            # Only the failed ones go round again: re-sending the delivered ones would make duplicates.
+            left = list(exc.undelivered)
+            done = len(events) - len(left)
+            self._failed(exc.__cause__ or exc)
         except Exception as exc:  # noqa: BLE001 - any failure means "not delivered, keep it"
-            self._counters.inc(self._prefix + "failed_attempts")
-            log.warning("audit sink %s: delivery failed (%s)", self.name, type(exc).__name__)
+            left = events[done:]
+            self._failed(exc)
         if done:
             self._counters.inc(self._prefix + "delivered", done)
-        return events[done:]
+        return left
+
+    def _failed(self, exc: BaseException) -> None:
+        self._counters.inc(self._prefix + "failed_attempts")
+        log.warning("audit sink %s: delivery failed (%s)", self.name, type(exc).__name__)
 
     def _mark_down(self) -> None:
         delay = backoff_delay(self._down_level, self._base_s, self._max_s, rand=lambda: 0.5 + random.random() / 2)

@@ -16,6 +16,19 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+class DeliveryIncomplete(Exception):  # noqa: N818 - a plugin-facing name, read as "delivery was incomplete"
+    """Raised by a sink's ``deliver_many(events)`` when only some events were delivered.
+
+    ``undelivered`` lists the events to try again; the rest count as delivered and are not sent
+    again. Raise it ``from`` the first underlying error so the log names the cause. Any other
+    exception from ``deliver_many`` means that none of the batch counts as delivered.
+    """
+
+    def __init__(self, undelivered: list[dict[str, Any]]) -> None:
+        super().__init__(f"{len(undelivered)} event(s) not delivered")
+        self.undelivered = undelivered
+
+
 @hookspec(firstresult=True)
 def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> Any:
     """Return the audit sink called ``name`` (an object with ``deliver(event)``), or None if not this plugin's."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import urllib3
 
-from dtmf_service import hookimpl
+from dtmf_service import DeliveryIncomplete, hookimpl
 from dtmf_service.config import ConfigError
 
 
@@ -49,17 +49,23 @@ class WebhookSink:
 
     def deliver_many(self, events: list[dict[str, Any]]) -> None:
         """One POST per event, up to ``concurrency`` at once: a receiver answering in 50 ms still
-        takes 160 events/s from each worker instead of 20. All or nothing: any failure raises, and
-        the core retries the batch (receivers deduplicate on event_id)."""
+        takes 160 events/s from each worker instead of 20. The events that failed are reported with
+        DeliveryIncomplete, so the core sends again only those."""
         if len(events) == 1 or self.concurrency == 1:
-            for event in events:
-                self.deliver(event)
+            for done, event in enumerate(events):
+                try:
+                    self.deliver(event)
+                except Exception as exc:
+                    raise DeliveryIncomplete(events[done:]) from exc
             return
         if self._executor is None or self._pid != os.getpid():
             self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="audit-webhook")
             self._pid = os.getpid()
-        for future in [self._executor.submit(self.deliver, event) for event in events]:
-            future.result()
+        futures = [self._executor.submit(self.deliver, event) for event in events]
+        failed = [(event, future.exception()) for event, future in zip(events, futures, strict=True)]
+        failed = [(event, error) for event, error in failed if error is not None]
+        if failed:
+            raise DeliveryIncomplete([event for event, _ in failed]) from failed[0][1]
 
     def close(self) -> None:
         if self._executor is not None and self._pid == os.getpid():

@@ -135,6 +135,7 @@ class WebhookReceiver:
         self.headers: list[dict[str, str]] = []
         self.bodies: list[bytes] = []
         self.status = 200
+        self.refuse_ids: set[str] = set()  # events answered 500 whatever ``status`` says
         self.delay_s = 0.0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -150,6 +151,8 @@ class WebhookReceiver:
                 if receiver.delay_s:
                     time.sleep(receiver.delay_s)
                 status = receiver.status
+                if receiver.refuse_ids and json.loads(body).get("event_id") in receiver.refuse_ids:
+                    status = 500
                 if 200 <= status < 300:
                     with receiver._lock:
                         receiver.events.append(json.loads(body))

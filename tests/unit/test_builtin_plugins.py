@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from dtmf_service import DeliveryIncomplete
 from dtmf_service.config import ConfigError
 from plugins.file import FileSink
 from plugins.statsd import StatsdExporter
@@ -200,7 +201,17 @@ def test_webhook_batches_go_out_concurrently(receiver):
     sink.close()
 
 
-def test_webhook_batch_fails_as_a_whole(receiver):
-    receiver.status = 503
-    with pytest.raises(RuntimeError):
-        WebhookSink(receiver.url, 5, None).deliver_many([make_event(), make_event()])
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_webhook_batch_reports_exactly_the_events_that_failed(receiver, concurrency):
+    events = [make_event() for _ in range(10)]
+    receiver.refuse_ids = {events[3]["event_id"], events[7]["event_id"]}
+    with pytest.raises(DeliveryIncomplete) as failure:
+        WebhookSink(receiver.url, 5, None, concurrency).deliver_many(events)
+    assert isinstance(failure.value.__cause__, RuntimeError)  # the first real error, for the log
+    undelivered = {e["event_id"] for e in failure.value.undelivered}
+    accepted = set(receiver.ids())
+    assert undelivered >= receiver.refuse_ids
+    assert accepted.isdisjoint(undelivered)  # nothing delivered is reported for another try
+    assert accepted | undelivered == {e["event_id"] for e in events}
+    if concurrency > 1:
+        assert undelivered == receiver.refuse_ids  # in parallel, only the refused ones are left

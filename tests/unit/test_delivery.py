@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from dtmf_service import DeliveryIncomplete
 from dtmf_service.delivery import SinkWorker
 from dtmf_service.metrics import SharedCounters
 from dtmf_service.spool import Spool
@@ -65,6 +66,42 @@ def test_events_reach_a_healthy_sink_exactly_once(config, counters):
     assert sorted(sink.received) == sorted(e["event_id"] for e in events)
     assert counters.totals()["audit.s.delivered"] == 300
     worker.close(2)
+
+
+class PartlyFailingSink:
+    """A batch sink that refuses chosen events on their first try and reports just those."""
+
+    def __init__(self, refuse_once):
+        self.refuse_once = set(refuse_once)
+        self.received = []
+        self.batches = []
+
+    def deliver_many(self, events):
+        self.batches.append([e["event_id"] for e in events])
+        refused = [e for e in events if e["event_id"] in self.refuse_once]
+        self.received += [e["event_id"] for e in events if e not in refused]
+        self.refuse_once -= {e["event_id"] for e in refused}
+        if refused:
+            raise DeliveryIncomplete(refused) from ConnectionError("two of them timed out")
+
+    def deliver(self, event):
+        self.deliver_many([event])
+
+
+def test_partial_batch_failure_resends_only_the_failed_events(config, counters, caplog):
+    events = [make_event() for _ in range(20)]
+    sink = PartlyFailingSink({events[4]["event_id"], events[11]["event_id"]})
+    worker = SinkWorker("s", sink, config, counters)
+    for e in events:
+        worker.submit(e)
+    assert worker.flush(10)
+    worker.close(2)
+    # Exactly once each: the 18 delivered with the first try were not sent again.
+    assert sorted(sink.received) == sorted(e["event_id"] for e in events)
+    assert sink.batches[-1] == [events[4]["event_id"], events[11]["event_id"]]
+    totals = counters.totals()
+    assert totals["audit.s.delivered"] == 20 and totals["audit.s.failed_attempts"] == 1
+    assert "delivery failed (ConnectionError)" in caplog.text  # the cause, not the wrapper
 
 
 def test_submit_never_blocks_on_a_slow_sink(config, counters):
