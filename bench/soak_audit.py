@@ -115,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {text}", flush=True)
 
-    lost: set[str] = set()
     try:
         time.sleep(5)
         webhook.stop()

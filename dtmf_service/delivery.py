@@ -163,7 +163,7 @@ class SinkWorker:
         except DeliveryIncomplete as exc:
             # Only the failed ones go round again: re-sending the delivered ones would make duplicates.
             left = list(exc.undelivered)
-            done = len(events) - len(left)
+            done = max(0, len(events) - len(left))
             self._failed(exc.__cause__ or exc)
         except Exception as exc:  # noqa: BLE001 - any failure means "not delivered, keep it"
             left = events[done:]
