@@ -28,36 +28,26 @@ def test_simulator_module_serves_both_dialects():
             data={"grant_type": "client_credentials", "client_id": "a", "client_secret": "b"},
             timeout=5,
         ).json()["access_token"]
-        ok = requests.post(
-            f"{base}/api/v2/interactions/c-1/dtmf",
-            json={"digits": "1", "timeout": 1000},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=5,
-        )
-        assert ok.status_code == 200
-        missing = requests.post(
-            f"{base}/api/v2/interactions/missing-1/dtmf",
-            json={"digits": "1", "timeout": 1000},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=5,
-        )
-        assert missing.status_code == 404
+
+        def dtmf(interaction_id, token=token):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return requests.post(
+                f"{base}/api/v2/interactions/{interaction_id}/dtmf",
+                json={"digits": "1", "timeout": 1000},
+                headers=headers,
+                timeout=5,
+            )
+
+        assert dtmf("c-1").status_code == 200
+        assert dtmf("missing-1").status_code == 404
         requests.post(
             f"{base}/_sim/script",
             json={"target": "dtmf:*", "responses": [{"status": 429, "headers": {"Retry-After": "3"}}]},
             timeout=5,
         )
-        limited = requests.post(
-            f"{base}/api/v2/interactions/c-1/dtmf",
-            json={"digits": "1", "timeout": 1000},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=5,
-        )
+        limited = dtmf("c-1")
         assert (limited.status_code, limited.headers["Retry-After"]) == (429, "3")
-        unauthenticated = requests.post(
-            f"{base}/api/v2/interactions/c-1/dtmf", json={"digits": "1", "timeout": 1000}, timeout=5
-        )
-        assert unauthenticated.status_code == 401
+        assert dtmf("c-1", token=None).status_code == 401
         agent = requests.post(
             f"{base}/InContactAPI/services/v23.0/agent-sessions/s-1/send-dtmf",
             json={"dtmfSequence": "1", "toneDurationMS": 340, "toneSpacingMS": 0},
