@@ -30,15 +30,16 @@ class _Flight:
 class TokenCache:
     """Caches the bearer token and refreshes it ``margin_s`` before it expires.
 
-    ``fetch`` returns ``(access_token, expires_in_seconds)`` or raises TokenError.
-    Concurrent callers that find no valid token join a single in-flight fetch
-    and share its result or its failure, so a failing token endpoint sees one
-    request per burst, not one per thread.
+    ``fetch(timeout_s)`` returns ``(access_token, expires_in_seconds)`` within ``timeout_s``
+    or raises TokenError. Concurrent callers that find no valid token join a single
+    in-flight fetch and share its result or its failure, so a failing token endpoint
+    sees one request per burst, not one per thread. A caller waits for the fetch no
+    longer than its own ``timeout_s``: a token never stretches a request past its deadline.
     """
 
     def __init__(
         self,
-        fetch: Callable[[], tuple[str, float]],
+        fetch: Callable[[float], tuple[str, float]],
         margin_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -49,8 +50,8 @@ class TokenCache:
         self._token: Token | None = None
         self._flight: _Flight | None = None
 
-    def get(self) -> str:
-        """Return a valid access token, fetching one if needed."""
+    def get(self, timeout_s: float = 60.0) -> str:
+        """Return a valid access token, fetching one if needed, within ``timeout_s``."""
         with self._lock:
             token = self._token
             if token is not None and self._clock() < token.refresh_at:
@@ -61,9 +62,9 @@ class TokenCache:
                 flight = self._flight = _Flight()
         assert flight is not None
         if leader:
-            self._lead(flight)
-        else:
-            flight.done.wait()
+            self._lead(flight, timeout_s)
+        elif not flight.done.wait(max(timeout_s, 0.0)):
+            raise TokenError("timed out waiting for the CXone token endpoint")
         if flight.error is not None:
             raise flight.error
         assert flight.token is not None
@@ -75,11 +76,13 @@ class TokenCache:
             if self._token is not None and self._token.value == stale:
                 self._token = None
 
-    def _lead(self, flight: _Flight) -> None:
+    def _lead(self, flight: _Flight, timeout_s: float) -> None:
         try:
-            value, expires_in = self._fetch()
+            value, expires_in = self._fetch(timeout_s)
             lifetime = max(float(expires_in), 0.0)
-            # A token shorter-lived than the margin is still used for half its life, not refetched per call.
+            # Refreshed ``margin_s`` before expiry, but never later than half its life: a token that
+            # lives less than twice the margin (under a minute with the default 30 s) is used for
+            # the first half of its life instead of being fetched again on every call.
             flight.token = Token(value, self._clock() + lifetime - min(self._margin_s, lifetime / 2))
         except TokenError as exc:
             flight.error = exc

@@ -48,6 +48,7 @@ KEYS: dict[str, Key] = {
     "CXONE_CONNECT_TIMEOUT_S": _k(3.0, "float", minimum=0.001, maximum=600),
     "CXONE_READ_TIMEOUT_S": _k(15.0, "float", minimum=0.001, maximum=600),
     "CXONE_TOKEN_REFRESH_MARGIN_S": _k(None, "float", minimum=0, maximum=86400),
+    "CXONE_CA_BUNDLE": _k(None, "str"),
     # Agent API dialect (../shared/CXONE-AGENT-API.md)
     "CXONE_AUTH_BASE": _k("https://cxone.niceincontact.com", "str"),
     "CXONE_API_ENDPOINT": _k(None, "str"),

@@ -4,6 +4,11 @@ DTMF is not idempotent (pressing "1" twice moves a caller two menus), so a
 request is sent again only when CXone cannot have acted on it: 429, 503, or a
 connection that never opened. A read timeout or a connection lost after the
 request went out is reported as unknown and never re-sent.
+
+One deadline bounds the whole submission (CONTRACT.md section 3, *rev 2*): from
+the first attempt, the token fetch, discovery, every attempt and every wait end
+within CXONE_RETRY_BUDGET_S + CXONE_READ_TIMEOUT_S; the transport cuts an answer
+that is still trickling in at that moment.
 """
 
 from __future__ import annotations
@@ -60,23 +65,28 @@ class CXoneClient:
         self._max_attempts = int(config["CXONE_MAX_ATTEMPTS"])
         self._base_s = float(config["CXONE_BACKOFF_BASE_S"])
         self._max_s = float(config["CXONE_BACKOFF_MAX_S"])
+        self._read_s = float(config["CXONE_READ_TIMEOUT_S"])
 
     def submit(self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str) -> SubmitResult:
         """Send the digits; never raises for upstream trouble."""
-        deadline = self._clock() + self._dialect.retry_budget_s(timeout_ms)
+        started = self._clock()
+        deadline = started + self._dialect.retry_budget_s(timeout_ms)  # no wait may end past this
+        hard_deadline = deadline + self._read_s  # nothing at all ends past this
         attempts = 0
         refreshed = False
         retries = 0
         last: tuple[int | None, str | None, str | None] = (None, None, None)  # status, body, Retry-After
         while attempts < self._max_attempts:
             try:
-                token = self._tokens.get()
-                url, body, extra = self._dialect.dtmf_request(interaction_id, digits, timeout_ms, correlation_id)
+                token = self._tokens.get(hard_deadline - self._clock())
+                url, body, extra = self._dialect.dtmf_request(
+                    interaction_id, digits, timeout_ms, correlation_id, hard_deadline - self._clock()
+                )
             except TokenError as exc:
                 return self._failed(502, None, last[1], attempts, str(exc))
             attempts += 1
             try:
-                response = self._post(url, body, token, extra)
+                response = self._post(url, body, token, extra, hard_deadline - self._clock())
             except NotSent:
                 last = (None, None, None)
                 wait = backoff_delay(retries, self._base_s, self._max_s, self._rand)
@@ -112,14 +122,14 @@ class CXoneClient:
             retries += 1
         return self._give_up(last, attempts)
 
-    def _post(self, url: str, body: bytes, token: str, extra: dict[str, str]) -> Answer:
+    def _post(self, url: str, body: bytes, token: str, extra: dict[str, str], timeout_s: float) -> Answer:
         headers = {
             "Authorization": f"Bearer {token}",
             "Content-Type": "application/json",
             "Accept": "application/json",
             **extra,
         }
-        return self._transport.post(url, body, headers)
+        return self._transport.request("POST", url, body, headers, timeout_s)
 
     def _give_up(self, last: tuple[int | None, str | None, str | None], attempts: int) -> SubmitResult:
         status, text, retry_after = last

@@ -7,7 +7,6 @@ import logging
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-import requests
 from flask import Request, Response, g
 
 from . import metrics as shared_metrics
@@ -20,8 +19,8 @@ from .errors import error_response
 from .events import Redactor, build_event
 from .idempotency import Idempotency
 from .pluginmanager import build_plugin_manager, resolve
-from .simulator import Simulator, SimulatorAdapter
-from .transport import PooledTransport, SimulatorTransport, Transport
+from .simulator import Simulator
+from .transport import HttpTransport, SimulatorTransport, Transport
 
 if TYPE_CHECKING:
     from .api import Attempt
@@ -39,13 +38,16 @@ class Gateway:
         self.max_body = int(config["MAX_CONTENT_LENGTH"])
         self.mode = "sandbox" if is_sandbox(config) else "cxone"
         self.simulator = Simulator("http://cxone-sandbox.invalid") if self.mode == "sandbox" else None
-        self.session = _make_session(self.simulator)
         self.transport: Transport = (
             SimulatorTransport(self.simulator)
             if self.simulator is not None
-            else PooledTransport(float(config["CXONE_CONNECT_TIMEOUT_S"]), float(config["CXONE_READ_TIMEOUT_S"]))
+            else HttpTransport(
+                float(config["CXONE_CONNECT_TIMEOUT_S"]),
+                float(config["CXONE_READ_TIMEOUT_S"]),
+                ca_bundle=config.get("CXONE_CA_BUNDLE"),
+            )
         )
-        dialect = make_dialect(config, self.session)
+        dialect = make_dialect(config, self.transport)
         self.tokens = TokenCache(dialect.fetch_token, margin_s=float(config["CXONE_TOKEN_REFRESH_MARGIN_S"]))
         self.client = CXoneClient(config, dialect, self.transport, self.tokens)
         self.redactor = Redactor(config)
@@ -150,12 +152,3 @@ class Gateway:
         self.idempotency.close()
         self.transport.close()
 
-
-def _make_session(simulator: Simulator | None) -> requests.Session:
-    """The session for token requests and discovery (the DTMF POST goes through the transport)."""
-    session = requests.Session()
-    # Proxies and netrc from the environment have no business on a CXone call path.
-    session.trust_env = False
-    if simulator is not None:
-        session.mount("http://cxone-sandbox.invalid/", SimulatorAdapter(simulator))
-    return session

@@ -32,10 +32,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import requests
-from requests.adapters import BaseAdapter
-from requests.structures import CaseInsensitiveDict
-
 _TUTORIAL_DTMF = re.compile(r"/interactions/([^/]+)/dtmf$")
 _AGENT_DTMF = re.compile(r"/InContactAPI/services/v[0-9.]+/agent-sessions/([^/]+)/send-dtmf$")
 _MAX_RECORDED = 10000
@@ -242,38 +238,6 @@ def _valid_payload(payload: Any, agent: bool) -> bool:
         and isinstance(payload["timeout"], int)
         and not isinstance(payload["timeout"], bool)
     )
-
-
-class SimulatorAdapter(BaseAdapter):
-    """A requests transport that answers from an in-process Simulator (sandbox mode)."""
-
-    def __init__(self, simulator: Simulator) -> None:
-        super().__init__()
-        self.simulator = simulator
-
-    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
-        body = request.body or b""
-        if isinstance(body, str):
-            body = body.encode()
-        parts = urlsplit(request.url or "")
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        answer = self.simulator.handle(request.method or "GET", target, headers, body)
-        if answer.delay_s:
-            time.sleep(answer.delay_s)
-        if answer.drop:
-            raise requests.ConnectionError("simulated: connection dropped after the request", request=request)
-        response = requests.Response()
-        response.status_code = answer.status
-        response.headers = CaseInsensitiveDict({"Content-Type": "application/json", **answer.headers})
-        response._content = answer.payload()
-        response.url = request.url or ""
-        response.request = request
-        response.reason = "simulated"
-        return response
-
-    def close(self) -> None:
-        pass
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -1,28 +1,45 @@
-"""The DTMF POST on the wire, with failures sorted into "not sent" and "outcome unknown".
+"""Every CXone call on the wire, with failures sorted by where they happened (CONTRACT.md section 3).
 
-The hot path uses urllib3's connection pools directly: they are requests' own
-transport, without the per-call machinery (settings merging, cookies, hooks)
-that costs about 0.6 ms of CPU per call and that a fixed JSON POST does not need.
+DTMF is not idempotent, so what matters about a failure is whether any byte of the
+request may have reached CXone. The transport therefore opens the connection (TCP and
+the TLS handshake) as its own step: a failure there is ``NotSent`` and may be retried.
+From the first byte written on, every failure (TLS error, reset, end of file, a
+malformed or partial answer, a timeout) is ``Unknown``, whatever the exception's class.
+
+Each call has one deadline for the whole exchange. A socket timeout bounds a single
+``recv`` only, so an answer trickled in a byte at a time would outlive it; the
+deadline watchdog cuts the socket when the time is up instead.
+
+Plain ``http.client`` connections in a small keep-alive pool: a fixed JSON POST needs
+none of requests' per-call machinery, and owning the connect step is what makes the
+"was anything written?" question answerable.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
+import select
+import ssl
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import urllib3
-import urllib3.exceptions
-from requests.structures import CaseInsensitiveDict
+from .deadlines import WATCHDOG, Watchdog
+
+# An idle keep-alive connection older than this is dropped rather than reused: servers close
+# theirs after a while, and a write into a connection the server is closing is an unknown outcome.
+IDLE_MAX_S = 30.0
 
 
 class NotSent(Exception):
-    """The connection never opened: CXone cannot have seen the request."""
+    """Nothing of the request was written: CXone cannot have seen it (safe to retry)."""
 
 
 class Unknown(Exception):
-    """The request may have reached CXone, but no answer came back."""
+    """Writing began, and no whole answer came back: CXone may have acted on the request."""
 
 
 class Answer(Protocol):
@@ -37,70 +54,163 @@ class _Answer:
     def __init__(self, status: int, headers: Mapping[str, str], text: str) -> None:
         self.status, self.headers, self.text = status, headers, text
 
+    def json(self) -> Any:
+        return json.loads(self.text)
+
 
 class Transport(Protocol):
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
-        """POST and read the whole answer; raise NotSent or Unknown."""
+    def request(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
+    ) -> Answer:
+        """Send and read the whole answer within ``timeout_s``; raise NotSent or Unknown."""
+
+    def close(self) -> None: ...
 
 
-_NOT_SENT = (
-    urllib3.exceptions.NewConnectionError,  # refused, unreachable, DNS (NameResolutionError)
-    urllib3.exceptions.ConnectTimeoutError,
-    urllib3.exceptions.SSLError,  # the handshake failed before any byte of the request left
-)
+def tls_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """Verification always on; ``ca_bundle`` adds trust (a private CA) to the system's."""
+    context = ssl.create_default_context()
+    if ca_bundle:
+        context.load_verify_locations(cafile=ca_bundle)
+    return context
 
 
-def classify(exc: BaseException) -> type[Exception]:
-    """NotSent when nothing reached CXone, else Unknown (the safe default)."""
-    seen = 0
-    reason: BaseException | None = exc
-    while reason is not None and seen < 8:
-        if isinstance(reason, urllib3.exceptions.ReadTimeoutError):
-            return Unknown
-        if isinstance(reason, _NOT_SENT):
-            return NotSent
-        reason = getattr(reason, "reason", None) or reason.__cause__ or reason.__context__
-        seen += 1
-    return Unknown
+class _WholeLines:
+    """The response stream, but a protocol line (status, header, chunk size) cut by end-of-file
+    is an error: http.client would take a header block cut short for a complete one."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._raw.readline(limit)
+        if not line.endswith(b"\n") and (limit < 0 or len(line) < limit):
+            raise http.client.IncompleteRead(line)
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
 
 
-class PooledTransport:
-    """Keep-alive connection pools shared by every thread of the process."""
+class _StrictResponse(http.client.HTTPResponse):
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp = _WholeLines(self.fp)  # type: ignore[assignment]
 
-    def __init__(self, connect_timeout_s: float, read_timeout_s: float, pool_size: int = 128) -> None:
-        self._timeout = urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s)
-        # block=False: a burst beyond pool_size opens extra connections instead of queueing callers.
-        self._pools = urllib3.PoolManager(num_pools=8, maxsize=pool_size, block=False, retries=False)
-        self._origins: dict[str, urllib3.HTTPConnectionPool] = {}
 
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
-        scheme_end = url.index("://") + 3
-        path_start = url.find("/", scheme_end)
-        origin, path = (url, "/") if path_start < 0 else (url[:path_start], url[path_start:])
+class _HTTPConnection(http.client.HTTPConnection):
+    response_class = _StrictResponse
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    response_class = _StrictResponse
+
+
+class HttpTransport:
+    """Keep-alive connections per origin, shared by every thread of the process."""
+
+    def __init__(
+        self,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        ca_bundle: str | None = None,
+        pool_size: int = 128,
+        watchdog: Watchdog = WATCHDOG,
+    ) -> None:
+        self._connect_s = connect_timeout_s
+        self._read_s = read_timeout_s
+        self._context = tls_context(ca_bundle)
+        self._pool_size = pool_size
+        self._watchdog = watchdog
+        self._idle: dict[str, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._lock = threading.Lock()
+
+    def request(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
+    ) -> Answer:
+        deadline = time.monotonic() + timeout_s
+        origin, target = _split(url)
+        conn = self._checkout(origin)
+        if conn.sock is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NotSent("the request's deadline passed before connecting")
+            conn.timeout = min(self._connect_s, remaining)
+            try:
+                conn.connect()  # TCP and the whole TLS handshake: nothing of the request is written yet
+            except Exception as exc:  # noqa: BLE001 - any failure to connect means "not sent"
+                conn.close()
+                raise NotSent(f"could not connect ({type(exc).__name__})") from None
+        sock = conn.sock
+        assert sock is not None
+        remaining = deadline - time.monotonic()
+        sock.settimeout(max(min(self._read_s, remaining), 0.001))
+        alarm = self._watchdog.arm(sock, remaining)
         try:
-            pool = self._origins.get(origin)
-            if pool is None:  # one URL parse per origin, not per call
-                pool = self._origins[origin] = self._pools.connection_from_url(origin)
-            response = pool.urlopen(
-                "POST",
-                path,
-                body=body,
-                headers=headers,
-                timeout=self._timeout,
-                retries=False,
-                redirect=False,
-                preload_content=True,
-                assert_same_host=False,
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            raise classify(exc)() from None
-        except OSError as exc:
-            raise classify(exc)() from None
-        return _Answer(response.status, response.headers, response.data.decode("utf-8", "replace"))
+            conn.request(method, target, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        except Exception as exc:  # noqa: BLE001 - from the first byte on, any failure is "unknown"
+            self._watchdog.cancel(alarm)
+            conn.close()
+            why = "the request's deadline passed" if alarm.fired else type(exc).__name__
+            raise Unknown(f"no complete answer ({why})") from None
+        intact = self._watchdog.cancel(alarm)
+        answer = _Answer(response.status, response.headers, data.decode("utf-8", "replace"))
+        if response.will_close or not intact:
+            conn.close()
+        else:
+            self._checkin(origin, conn)
+        return answer
+
+    def _checkout(self, origin: str) -> http.client.HTTPConnection:
+        now = time.monotonic()
+        with self._lock:
+            idle = self._idle.get(origin)
+            while idle:
+                since, conn = idle.pop()
+                if now - since < IDLE_MAX_S and _still_open(conn):
+                    return conn
+                conn.close()
+        scheme, _, hostport = origin.partition("://")
+        if scheme == "https":
+            return _HTTPSConnection(hostport, context=self._context)
+        return _HTTPConnection(hostport)
+
+    def _checkin(self, origin: str, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(origin, [])
+            if len(idle) < self._pool_size:
+                idle.append((time.monotonic(), conn))
+                return
+        conn.close()
 
     def close(self) -> None:
-        self._origins.clear()
-        self._pools.clear()
+        with self._lock:
+            pools, self._idle = self._idle, {}
+        for idle in pools.values():
+            for _, conn in idle:
+                conn.close()
+
+
+def _split(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise NotSent("not an http(s) URL")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return f"{parts.scheme}://{parts.netloc}", target
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """An idle connection must have nothing to read: readable means closed by the server (or junk)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 class SimulatorTransport:
@@ -109,15 +219,22 @@ class SimulatorTransport:
     def __init__(self, simulator: Any) -> None:
         self.simulator = simulator
 
-    def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
+    def request(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
+    ) -> Answer:
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        answer = self.simulator.handle("POST", target, {k.lower(): v for k, v in headers.items()}, body)
+        answer = self.simulator.handle(method, target, {k.lower(): v for k, v in headers.items()}, body or b"")
         if answer.delay_s:
-            time.sleep(answer.delay_s)
+            time.sleep(min(answer.delay_s, max(timeout_s, 0.0)))
+            if answer.delay_s > timeout_s:
+                raise Unknown("no complete answer (the request's deadline passed)")
         if answer.drop:
-            raise Unknown()
-        headers_in = CaseInsensitiveDict({"Content-Type": "application/json", **answer.headers})
+            raise Unknown("no complete answer (connection dropped)")
+        headers_in = http.client.HTTPMessage()
+        headers_in["Content-Type"] = "application/json"
+        for name, value in answer.headers.items():
+            headers_in[name] = value
         return _Answer(answer.status, headers_in, answer.payload().decode("utf-8", "replace"))
 
     def close(self) -> None:

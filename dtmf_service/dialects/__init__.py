@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import requests
+from ..transport import Transport
 
 
 class Dialect(Protocol):
@@ -17,11 +17,11 @@ class Dialect(Protocol):
 
     name: str
 
-    def fetch_token(self) -> tuple[str, float]:
+    def fetch_token(self, timeout_s: float) -> tuple[str, float]:
         """Fetch a new access token: ``(token, expires_in_seconds)``; raise TokenError."""
 
     def dtmf_request(
-        self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str
+        self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str, timeout_s: float
     ) -> tuple[str, bytes, dict[str, str]]:
         """The DTMF POST for one submission: ``(url, body, extra headers)``; raise TokenError."""
 
@@ -29,12 +29,12 @@ class Dialect(Protocol):
         """How long all attempts of one submission may take, waits included."""
 
 
-def make_dialect(config: Mapping[str, Any], session: requests.Session) -> Dialect:
-    """The dialect named by ``CXONE_API``."""
+def make_dialect(config: Mapping[str, Any], transport: Transport) -> Dialect:
+    """The dialect named by ``CXONE_API``; every call it makes goes through ``transport``."""
     if config["CXONE_API"] == "agent":
         from .agent import AgentDialect
 
-        return AgentDialect(config, session)
+        return AgentDialect(config, transport)
     from .tutorial import TutorialDialect
 
-    return TutorialDialect(config, session)
+    return TutorialDialect(config, transport)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import requests
-
 from ..auth import TokenCache, TokenError
 from ..config import ConfigError
-from .common import request_token
+from ..transport import Transport
+from .common import get_json, request_token, trusted_endpoint
 
 _FOREVER_S = 10.0**9
 
@@ -50,15 +50,14 @@ class AgentDialect:
 
     name = "agent"
 
-    def __init__(self, config: Mapping[str, Any], session: requests.Session) -> None:
-        self._session = session
+    def __init__(self, config: Mapping[str, Any], transport: Transport) -> None:
+        self._transport = transport
         self._auth_base = str(config["CXONE_AUTH_BASE"]).rstrip("/")
         self._tenant = config.get("CXONE_TENANT_ID")
         self._version = config["CXONE_AGENT_API_VERSION"]
         self._tone_ms = int(config["CXONE_TONE_DURATION_MS"])
         self._spacing_ms = int(config["CXONE_TONE_SPACING_MS"])
         self._budget_s = float(config["CXONE_RETRY_BUDGET_S"])
-        self._timeout = (config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
         self._authorization = basic_authorization(config["CXONE_CLIENT_ID"], config["CXONE_CLIENT_SECRET"])
         self._form = {
             "grant_type": "password",
@@ -69,51 +68,37 @@ class AgentDialect:
         api_endpoint = config.get("CXONE_API_ENDPOINT")
         # Discovered values are cached like tokens: one fetch at a time, failures shared, retried next request.
         self.token_endpoint = TokenCache(
-            (lambda: (token_url, _FOREVER_S)) if token_url else self._discover_token_endpoint, margin_s=0
+            (lambda _t: (token_url, _FOREVER_S)) if token_url else self._discover_token_endpoint, margin_s=0
         )
         self.api_endpoint = TokenCache(
-            (lambda: (api_endpoint.rstrip("/"), _FOREVER_S)) if api_endpoint else self._discover_api_endpoint,
+            (lambda _t: (api_endpoint.rstrip("/"), _FOREVER_S)) if api_endpoint else self._discover_api_endpoint,
             margin_s=0,
         )
 
-    def _get_json(self, url: str, what: str) -> dict[str, Any]:
-        try:
-            response = self._session.get(url, headers={"Accept": "application/json"}, timeout=self._timeout)
-        except requests.RequestException as exc:
-            raise TokenError(f"CXone {what} discovery failed ({type(exc).__name__})") from None
-        if response.status_code != 200:
-            raise TokenError(f"CXone {what} discovery answered {response.status_code}")
-        try:
-            data = response.json()
-        except ValueError:
-            raise TokenError(f"CXone {what} discovery answered without JSON") from None
-        if not isinstance(data, dict):
-            raise TokenError(f"CXone {what} discovery answered without a JSON object")
-        return data
-
-    def _discover_token_endpoint(self) -> tuple[str, float]:
-        data = self._get_json(f"{self._auth_base}/.well-known/openid-configuration", "token endpoint")
-        endpoint = data.get("token_endpoint")
-        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
-            raise TokenError("CXone openid-configuration has no usable token_endpoint")
+    def _discover_token_endpoint(self, timeout_s: float) -> tuple[str, float]:
+        url = f"{self._auth_base}/.well-known/openid-configuration"
+        endpoint = get_json(self._transport, url, "token endpoint", timeout_s).get("token_endpoint")
+        if not trusted_endpoint(endpoint, self._auth_base):
+            raise TokenError("CXone openid-configuration has no usable https token_endpoint")
         return endpoint, _FOREVER_S
 
-    def _discover_api_endpoint(self) -> tuple[str, float]:
+    def _discover_api_endpoint(self, timeout_s: float) -> tuple[str, float]:
         url = f"{self._auth_base}/.well-known/cxone-configuration?tenantId={quote(str(self._tenant), safe='')}"
-        data = self._get_json(url, "API endpoint")
-        endpoint = data.get("api_endpoint")
-        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
-            raise TokenError("CXone cxone-configuration has no usable api_endpoint")
+        endpoint = get_json(self._transport, url, "API endpoint", timeout_s).get("api_endpoint")
+        if not trusted_endpoint(endpoint, self._auth_base):
+            raise TokenError("CXone cxone-configuration has no usable https api_endpoint")
         return endpoint.rstrip("/"), _FOREVER_S
 
-    def fetch_token(self) -> tuple[str, float]:
-        url = self.token_endpoint.get()
-        return request_token(self._session, url, self._form, {"Authorization": self._authorization}, self._timeout)
+    def fetch_token(self, timeout_s: float) -> tuple[str, float]:
+        started = time.monotonic()
+        url = self.token_endpoint.get(timeout_s)
+        left = timeout_s - (time.monotonic() - started)
+        return request_token(self._transport, url, self._form, {"Authorization": self._authorization}, left)
 
     def dtmf_request(
-        self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str
+        self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str, timeout_s: float
     ) -> tuple[str, bytes, dict[str, str]]:
-        base = self.api_endpoint.get()
+        base = self.api_endpoint.get(timeout_s)
         session = quote(interaction_id, safe="")
         url = f"{base}/InContactAPI/services/v{self._version}/agent-sessions/{session}/send-dtmf"
         body = json.dumps(

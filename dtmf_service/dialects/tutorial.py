@@ -7,8 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import requests
-
+from ..transport import Transport
 from .common import request_token
 
 
@@ -17,8 +16,8 @@ class TutorialDialect:
 
     name = "tutorial"
 
-    def __init__(self, config: Mapping[str, Any], session: requests.Session) -> None:
-        self._session = session
+    def __init__(self, config: Mapping[str, Any], transport: Transport) -> None:
+        self._transport = transport
         self._base_url = config["CXONE_BASE_URL"]
         self._token_url = config["CXONE_TOKEN_URL"]
         self._form = {
@@ -27,14 +26,13 @@ class TutorialDialect:
             "client_secret": config["CXONE_CLIENT_SECRET"] or "",
             "scope": config["CXONE_SCOPE"] or "",
         }
-        self._timeout = (config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
         self._budget_s = config["CXONE_RETRY_BUDGET_S"]
 
-    def fetch_token(self) -> tuple[str, float]:
-        return request_token(self._session, self._token_url, self._form, {}, self._timeout)
+    def fetch_token(self, timeout_s: float) -> tuple[str, float]:
+        return request_token(self._transport, self._token_url, self._form, {}, timeout_s)
 
     def dtmf_request(
-        self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str
+        self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str, timeout_s: float
     ) -> tuple[str, bytes, dict[str, str]]:
         url = f"{self._base_url}/interactions/{quote(interaction_id, safe='')}/dtmf"
         body = json.dumps({"digits": digits, "timeout": timeout_ms}, separators=(",", ":")).encode()

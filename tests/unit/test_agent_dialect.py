@@ -138,3 +138,30 @@ def test_agent_dialect_refreshes_ten_minutes_early_by_default(agent_config):
 def test_openapi_says_interaction_id_is_the_agent_session(make_app, agent_config):
     document = make_app(**agent_config).test_client().get("/api/openapi.json").get_json()
     assert "agent session" in document["paths"]["/api/dtmf/parse"]["post"]["description"]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"token_endpoint": "http://cxone.example.com/auth/token"},  # plain http off loopback
+        {"token_endpoint": "ftp://cxone.example.com/token"},
+    ],
+)
+def test_discovered_endpoints_must_be_https(make_app, agent_config, sim, document):
+    client = make_app(**agent_config).test_client()
+    sim.script("discovery", [{"status": 200, "body": document}])
+    failed = client.post("/api/dtmf/parse", json=VALID)
+    assert failed.status_code == 502
+    assert "https" in failed.get_json()["error"]
+    assert sim.seen("token") == [] and sim.seen("dtmf") == []
+
+
+def test_plain_http_is_followed_only_between_loopback_addresses():
+    from dtmf_service.dialects.common import trusted_endpoint
+
+    assert trusted_endpoint("https://api-na1.niceincontact.com", "https://cxone.niceincontact.com")
+    assert not trusted_endpoint("http://api-na1.niceincontact.com", "https://cxone.niceincontact.com")
+    assert not trusted_endpoint("http://127.0.0.1:9000", "https://cxone.niceincontact.com")
+    assert not trusted_endpoint("http://evil.example", "http://127.0.0.1:9000")
+    assert trusted_endpoint("http://127.0.0.1:9000/x", "http://localhost:9000")
+    assert not trusted_endpoint(None, "http://127.0.0.1:9000")

@@ -16,7 +16,7 @@ from dtmf_service import config as cfg
 from dtmf_service.auth import TokenCache
 from dtmf_service.cxone import CXoneClient
 from dtmf_service.dialects import make_dialect
-from dtmf_service.transport import PooledTransport
+from dtmf_service.transport import HttpTransport
 
 
 class FakeTime:
@@ -42,9 +42,9 @@ def make_client(upstream_config, fake_time):
     def factory(**overrides):
         config = {**upstream_config, "CXONE_BACKOFF_BASE_S": 1.0, "CXONE_BACKOFF_MAX_S": 8.0, **overrides}
         cfg.finalise(config)
-        dialect = make_dialect(config, requests.Session())
+        transport = HttpTransport(config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
+        dialect = make_dialect(config, transport)
         tokens = TokenCache(dialect.fetch_token)
-        transport = PooledTransport(config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
         return CXoneClient(
             config,
             dialect,

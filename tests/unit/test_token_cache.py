@@ -20,7 +20,7 @@ def gated_fetch(outcome):
     """A fetch that blocks until released, counting its calls; returns or raises ``outcome``."""
     calls, release = [], threading.Event()
 
-    def fetch():
+    def fetch(timeout_s):
         calls.append(1)
         release.wait(5)
         if isinstance(outcome, Exception):
@@ -65,7 +65,7 @@ def test_waiters_share_the_failure_of_the_one_fetch():
 def test_failure_is_not_cached_the_next_request_tries_again():
     answers = iter([TokenError("down"), ("tok", 3600)])
 
-    def fetch():
+    def fetch(timeout_s):
         answer = next(answers)
         if isinstance(answer, Exception):
             raise answer
@@ -80,7 +80,7 @@ def test_failure_is_not_cached_the_next_request_tries_again():
 def test_token_reused_until_thirty_seconds_before_expiry():
     clock = Clock()
     tokens = iter(["t1", "t2"])
-    cache = TokenCache(lambda: (next(tokens), 100), margin_s=30, clock=clock)
+    cache = TokenCache(lambda _t: (next(tokens), 100), margin_s=30, clock=clock)
     assert cache.get() == "t1"
     clock.now += 69.9
     assert cache.get() == "t1"
@@ -90,7 +90,7 @@ def test_token_reused_until_thirty_seconds_before_expiry():
 
 def test_invalidate_drops_only_the_stale_token():
     tokens = iter(["t1", "t2", "t3"])
-    cache = TokenCache(lambda: (next(tokens), 3600))
+    cache = TokenCache(lambda _t: (next(tokens), 3600))
     assert cache.get() == "t1"
     cache.invalidate("t1")
     assert cache.get() == "t2"
@@ -99,7 +99,7 @@ def test_invalidate_drops_only_the_stale_token():
 
 
 def test_unexpected_fetch_error_becomes_token_error_without_detail():
-    def fetch():
+    def fetch(timeout_s):
         raise ValueError("secret=hunter2")
 
     with pytest.raises(TokenError) as info:
@@ -110,9 +110,24 @@ def test_unexpected_fetch_error_becomes_token_error_without_detail():
 def test_token_shorter_lived_than_the_margin_is_used_for_half_its_life():
     clock = Clock()
     tokens = iter(["t1", "t2"])
-    cache = TokenCache(lambda: (next(tokens), 20), margin_s=30, clock=clock)
+    cache = TokenCache(lambda _t: (next(tokens), 20), margin_s=30, clock=clock)
     assert cache.get() == "t1"
     clock.now += 9.9
     assert cache.get() == "t1"
     clock.now += 0.2
     assert cache.get() == "t2"
+
+
+def test_a_waiter_gives_up_at_its_own_deadline_while_the_fetch_hangs():
+    fetch, calls, release = gated_fetch(("tok", 3600))
+    cache = TokenCache(fetch)
+    leader = threading.Thread(target=cache.get)
+    leader.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(TokenError, match="timed out"):
+        cache.get(timeout_s=0.2)
+    assert time.monotonic() - started < 1.0
+    release.set()
+    leader.join(5)
+    assert cache.get() == "tok" and len(calls) == 1
