@@ -101,7 +101,7 @@ def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, b
     if key is None:
         return _submit(gw, attempt, valid, started), True
     # Validation failures above are never stored; only requests that reach CXone claim the key.
-    scope = request.headers.get("Authorization", "")
+    scope = g.get("caller", "")
     response, processed = gw.idempotency.run(
         key, scope, raw, lambda: _submit(gw, attempt, valid, started), valid["digits"]
     )

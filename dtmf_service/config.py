@@ -61,11 +61,13 @@ KEYS: dict[str, Key] = {
     # HTTP edge
     "MAX_CONTENT_LENGTH": _k(64 * 1024, "int", minimum=1024, maximum=1024 * 1024),
     "API_KEYS": _k([], "secret_list"),
+    "API_KEYS_FILE": _k(None, "str"),
     "METRICS_PUBLIC": _k(False, "bool"),
     "ALLOW_UNAUTHENTICATED": _k(False, "bool"),
     "PROXY_COUNT": _k(0, "int", minimum=0, maximum=10),
     "IDEMPOTENCY_STORE": _k(None, "str"),
     "IDEMPOTENCY_TTL_S": _k(86400, "int", minimum=1, maximum=30 * 86400),
+    "IDEMPOTENCY_HASH_KEY": _k(None, "secret"),
     # Plugins
     "METRICS_EXPORTERS": _k(["memory"], "list"),
     "AUDIT_SINKS": _k([], "list"),

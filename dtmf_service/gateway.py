@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import tempfile
@@ -61,7 +62,10 @@ class Gateway:
         self.exporters = resolve(self.plugins, "exporter", config["METRICS_EXPORTERS"], config)
         sinks = resolve(self.plugins, "sink", config["AUDIT_SINKS"], config)
         self.delivery = DeliveryEngine(sinks, config, self.counters)
-        self.idempotency = Idempotency.from_config(config)
+        self.counters.declare(["idempotency_store_errors"])
+        self.idempotency = Idempotency.from_config(
+            config, on_store_error=lambda: self.counters.inc("idempotency_store_errors")
+        )
         self._openapi: dict[str, Any] | None = None
         self._closed = False
 
@@ -78,6 +82,8 @@ class Gateway:
             for key in self._api_keys:  # every key compared, in constant time each: no early exit to time
                 matched |= hmac.compare_digest(candidate, key)
             if matched:
+                # The caller's identity (idempotency scope): a hash of the key, never the key in clear.
+                g.caller = hashlib.sha256(candidate).hexdigest()[:32]
                 return None
         return error_response(
             401,
@@ -127,6 +133,7 @@ class Gateway:
             "accuracy_rate": ok / total if total else None,
         }
         snapshot.update(self.delivery.metrics(totals))
+        snapshot["idempotency_store_errors"] = int(totals.get("idempotency_store_errors", 0))
         return snapshot
 
     def openapi_document(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -216,3 +217,52 @@ class UdpReceiver:
 
 def post(url: str, body: Any, headers: dict[str, str] | None = None, timeout: float = 30) -> requests.Response:
     return requests.post(f"{url}/api/dtmf/parse", json=body, headers=headers or {}, timeout=timeout)
+
+
+class RedisServer:
+    """A real redis-server in the foreground on a free loopback port, no persistence; can be killed and restarted."""
+
+    BINARY = shutil.which("redis-server")
+
+    def __init__(self, data_dir: Path, persistent: bool = False) -> None:
+        self.persistent = persistent  # AOF with fsync always: what survives a kill -9, as in production
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        assert self.BINARY is not None
+        self.proc = subprocess.Popen(
+            [self.BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
+             "--dir", str(self.data_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_until(self.ping, timeout=10)
+        return self
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.helpers import Gunicorn
+from tests.helpers import Gunicorn, RedisServer
 
 
 def dialect_env(dialect, sim_url):
@@ -48,3 +48,17 @@ def start_gunicorn(tmp_path):
     yield factory
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if RedisServer.BINARY is None:
+        pytest.skip("REDIS NOT INSTALLED: .ci/run installs redis-server; these tests did not run")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    return redis_server.url

@@ -1,43 +1,14 @@
 """CONTRACT.md section 9: Idempotency-Key shared by 4 workers (SQLite) and by two instances (real Redis)."""
 
-import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import free_port, wait_until
 from tests.integration.conftest import dialect_env
 
 pytestmark = pytest.mark.slow
-REDIS = shutil.which("redis-server")
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    if REDIS is None:
-        pytest.skip("REDIS NOT INSTALLED: .ci/run installs redis-server; these idempotency tests did not run")
-    port = free_port()
-    proc = subprocess.Popen(
-        [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def up():
-        try:
-            import redis
-
-            return redis.Redis(port=port, socket_timeout=1).ping()
-        except Exception:
-            return False
-
-    wait_until(up, timeout=10)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(5)
 
 
 def race(urls, key, body, count=24):
@@ -77,7 +48,12 @@ def test_sqlite_store_shared_by_four_workers(sim, sim_url, gateway_env, start_gu
 
 def test_redis_store_shared_by_two_instances(sim, sim_url, gateway_env, start_gunicorn, redis_url, tmp_path):
     sim.script("dtmf:call-1", [{"status": 200, "delay_s": 0.3, "body": {"ok": True}}])
-    env = {**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_IDEMPOTENCY_STORE": redis_url}
+    env = {
+        **gateway_env,
+        **dialect_env("tutorial", sim_url),
+        "DTMF_IDEMPOTENCY_STORE": redis_url,
+        "DTMF_IDEMPOTENCY_HASH_KEY": "shared-fingerprint-key",
+    }
     first = start_gunicorn({**env, "DTMF_METRICS_DIR": str(tmp_path / "m1")}, workers=2)
     second = start_gunicorn({**env, "DTMF_METRICS_DIR": str(tmp_path / "m2")}, workers=2)
     urls = [first.url, second.url]

@@ -156,3 +156,38 @@ def test_workers_booting_together_all_open_a_fresh_sqlite_store(tmp_path):
             p.join(30)
         assert errors.empty(), errors.get()
         assert all(p.exitcode == 0 for p in procs)
+
+
+def test_scope_is_the_callers_identity_not_the_header_text(make_app):
+    client = make_app(API_KEYS=["a-key-1"]).test_client()
+    first = post(client, headers={"Authorization": "Bearer a-key-1"})
+    again = post(client, headers={"Authorization": "bearer  a-key-1"})
+    assert first.status_code == again.status_code == 200
+    assert again.headers["Idempotent-Replayed"] == "true"
+
+
+def test_store_files_are_private_and_a_pin_cannot_be_brute_forced(make_app, tmp_path):
+    """The README's PCI settings and no hash key: the store must not give a 4-digit PIN back."""
+    import hashlib
+    import os
+    import sqlite3
+    import stat
+
+    store_dir = tmp_path / "idem"
+    app = make_app(
+        IDEMPOTENCY_STORE=f"sqlite:///{store_dir / 'idem.db'}", AUDIT_DIGITS="masked", AUDIT_SENSITIVE_KEYS=["pin.*"]
+    )
+    body = '{"interaction_id":"call-1","digits":"%s","timeout_ms":5000,"sequence_matrix_key":"pin.entry"}'
+    response = app.test_client().post(
+        "/api/dtmf/parse", data=body % "4821", content_type="application/json", headers={"Idempotency-Key": "p"}
+    )
+    assert response.status_code == 200
+    assert stat.S_IMODE(os.stat(store_dir).st_mode) == 0o700
+    for path in store_dir.iterdir():  # the database, its -wal and -shm files, and the key
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path.name
+    with sqlite3.connect(store_dir / "idem.db") as db:
+        rows = db.execute("SELECT key, fingerprint, body FROM idempotency").fetchall()
+    stored = {value for row in rows for value in row if value}
+    guesses = {hashlib.sha256((body % f"{pin:04d}").encode()).hexdigest() for pin in range(10000)}
+    assert not stored & guesses
+    assert not any("4821" in value for value in stored)
