@@ -49,6 +49,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
             x_prefix=0,
         )
     register_error_handlers(app)
+    # No redirects, ever (CONTRACT.md section 2): "//api/dtmf/parse" is 404, not a 308 whose Location
+    # is built from the caller's Host header; OPTIONS is 405 like any other method a route lacks.
+    app.url_map.merge_slashes = False
+    app.url_map.redirect_defaults = False
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.register_blueprint(bp)
 
     @app.before_request

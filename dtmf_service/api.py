@@ -44,7 +44,12 @@ def parse() -> Response:
     if counted:
         # The figure the caller saw is the one audited and averaged, so they always agree.
         latency_ms = attempt.latency_ms if attempt.latency_ms is not None else _elapsed_ms(started)
-        gw.record(attempt, client_ip=request.remote_addr, latency_ms=latency_ms)
+        try:
+            gw.record(attempt, client_ip=request.remote_addr, latency_ms=latency_ms)
+        except Exception as exc:  # noqa: BLE001 - the answer stands; the event is recorded without what broke it
+            log_exception(log, f"request {g.get('request_id')}: audit event could not be built", exc)
+            attempt.sent, attempt.invalid_fields = None, set()
+            gw.record(attempt, client_ip=request.remote_addr, latency_ms=latency_ms)
     return response
 
 

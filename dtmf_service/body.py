@@ -80,4 +80,24 @@ def parse_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest(reason) from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
+    if _too_deep(data):
+        # Deep values pass json.loads but blow the recursion limit of whatever serialises them next.
+        raise BadRequest(f"body is not valid JSON: nested deeper than {MAX_DEPTH} levels")
     return data
+
+
+MAX_DEPTH = 32
+
+
+def _too_deep(data: Any) -> bool:
+    """Iterative depth check: a request's five fields cost five steps."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return False

@@ -13,10 +13,11 @@ from .schemas import (
     DTMFRequestSchema,
     ErrorSchema,
     HealthSchema,
+    InvalidRequestSchema,
     MetricsSchema,
     SubmissionErrorSchema,
     SubmittedSchema,
-    ValidationErrorSchema,
+    ValidationFailedSchema,
 )
 
 
@@ -43,7 +44,8 @@ def build_document(config: Mapping[str, Any]) -> dict[str, Any]:
         ("DTMFRequest", DTMFRequestSchema),
         ("Submitted", SubmittedSchema),
         ("Error", ErrorSchema),
-        ("ValidationError", ValidationErrorSchema),
+        ("InvalidRequest", InvalidRequestSchema),
+        ("ValidationFailed", ValidationFailedSchema),
         ("SubmissionError", SubmissionErrorSchema),
         ("Metrics", MetricsSchema),
         ("Health", HealthSchema),
@@ -79,7 +81,19 @@ def build_document(config: Mapping[str, Any]) -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json("Submitted", "submitted; CXone answered 2xx"),
-                    "400": _json("ValidationError", "invalid_request (not a UTF-8 JSON object) or validation_failed"),
+                    "400": {
+                        "description": "invalid_request (not a UTF-8 JSON object; no errors) or validation_failed",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": "#/components/schemas/InvalidRequest"},
+                                        {"$ref": "#/components/schemas/ValidationFailed"},
+                                    ]
+                                }
+                            }
+                        },
+                    },
                     "401": unauthorized,
                     "404": _json("SubmissionError", "CXone: interaction not found"),
                     "409": _json("Error", "idempotency_in_progress"),

@@ -108,7 +108,18 @@ class ErrorSchema(Schema):
     error = fields.String()
 
 
-class ValidationErrorSchema(ErrorSchema):
+class InvalidRequestSchema(Schema):
+    """400 for a body that is not a UTF-8 JSON object: no ``errors`` (CONTRACT.md section 2, *rev 2*)."""
+
+    status = fields.String(required=True, metadata={"enum": ["invalid_request"]})
+    error = fields.String(required=True)
+
+
+class ValidationFailedSchema(Schema):
+    """400 for a schema violation: ``errors`` names each field."""
+
+    status = fields.String(required=True, metadata={"enum": ["validation_failed"]})
+    error = fields.String(required=True)
     errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()), required=True)
 
 
@@ -125,6 +136,9 @@ class MetricsSchema(Schema):
     accuracy_rate = fields.Float(required=True, allow_none=True)
     audit_pending = fields.Integer(required=True, metadata={"description": "events not yet delivered, all sinks"})
     audit_dropped = fields.Integer(required=True, metadata={"description": "events dropped by a full spool"})
+    idempotency_store_errors = fields.Integer(
+        required=True, metadata={"description": "store writes that failed after CXone answered (retried)"}
+    )
     audit_sinks = fields.Dict(
         keys=fields.String(),
         values=fields.Dict(keys=fields.String(), values=fields.Integer()),

@@ -51,3 +51,21 @@ def test_schemathesis_no_500_and_responses_match_the_document(make_app):
             json.loads(response.text)
 
         check()
+
+
+def test_both_shapes_of_400_validate_against_the_document_exactly(client):
+    import jsonschema_rs  # schemathesis' own validator
+
+    document = client.get("/api/openapi.json").get_json()
+    described = document["paths"]["/api/dtmf/parse"]["post"]["responses"]["400"]
+    schema = {**described["content"]["application/json"]["schema"], "components": document["components"]}
+    validator = jsonschema_rs.Draft202012Validator(schema)
+    invalid = client.post("/api/dtmf/parse", data=b"{not json", content_type="application/json")
+    failed = client.post("/api/dtmf/parse", json={"digits": "x"})
+    assert invalid.get_json()["status"] == "invalid_request" and "errors" not in invalid.get_json()
+    assert failed.get_json()["status"] == "validation_failed"
+    for body in (invalid.get_json(), failed.get_json()):
+        validator.validate(body)
+    # Each shape matches exactly one branch: a strict client can tell them apart.
+    assert not validator.is_valid({"status": "validation_failed", "error": "x"})
+    assert not validator.is_valid({"status": "invalid_request"})

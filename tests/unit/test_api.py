@@ -237,3 +237,58 @@ def test_healthz_makes_no_upstream_call(make_app, upstream_config, sim):
     client = make_app(**upstream_config).test_client()
     assert client.get("/healthz").status_code == 200
     assert list(sim.requests) == []
+
+
+@pytest.mark.parametrize("path", ["/api//dtmf/parse", "//api/dtmf/parse", "/api/dtmf/parse/", "/api/dtmf//parse"])
+def test_paths_that_merely_look_like_a_route_are_404_json_never_a_redirect(client, path):
+    response = client.post(path, json=VALID, headers={"Host": "evil.example"})
+    assert response.status_code == 404
+    assert response.mimetype == "application/json"
+    assert response.get_json()["status"] == "invalid_request"
+    assert "Location" not in response.headers
+
+
+@pytest.mark.parametrize(("path", "allow"), [("/api/dtmf/parse", "POST"), ("/healthz", "GET, HEAD")])
+def test_options_is_405_json_with_allow(client, path, allow):
+    response = client.options(path)
+    assert response.status_code == 405
+    assert response.mimetype == "application/json"
+    assert set(response.headers["Allow"].split(", ")) == set(allow.split(", "))
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_deeply_nested_body_is_400_invalid_request_and_still_counted_and_audited(make_app, tmp_path):
+    app = make_app(AUDIT_SINKS=["file"], AUDIT_FILE_PATH=str(tmp_path / "audit.jsonl"))
+    client = app.test_client()
+    body = '{"interaction_id":"c","digits":"1","timeout_ms":5000,"sequence_matrix_key":' + "[" * 980 + "]" * 980 + "}"
+    response = client.post("/api/dtmf/parse", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json()["status"] == "invalid_request"
+    assert "nested" in response.get_json()["error"]
+    assert client.get("/api/metrics").get_json()["validation_failures"] == 1
+    app.extensions["dtmf"].delivery.flush(5)
+    import json as _json
+
+    (event,) = [_json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert event["outcome"] == "invalid_request"
+
+
+def test_an_event_that_cannot_be_built_is_still_recorded(make_app, tmp_path, monkeypatch):
+    from dtmf_service import gateway as gateway_module
+
+    app = make_app(AUDIT_SINKS=["file"], AUDIT_FILE_PATH=str(tmp_path / "audit.jsonl"))
+    real = gateway_module.build_event
+    calls = []
+
+    def fragile(**kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RecursionError("simulated")
+        return real(**kwargs)
+
+    monkeypatch.setattr(gateway_module, "build_event", fragile)
+    response = app.test_client().post("/api/dtmf/parse", json=VALID)
+    assert response.status_code == 200
+    assert app.test_client().get("/api/metrics").get_json()["successful_parses"] == 1
+    app.extensions["dtmf"].delivery.flush(5)
+    assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 1
