@@ -7,7 +7,6 @@ service at 100 requests/s against a 50 ms upstream). 64 threads leave room for r
 sleep out a 429 back-off without starving other callers; an idle thread costs little.
 """
 
-import json
 import logging
 import os
 import tempfile
@@ -15,7 +14,8 @@ import tempfile
 from dtmf_service import metrics as _metrics
 
 bind = os.environ.get("DTMF_BIND", "127.0.0.1:8080")
-worker_class = "gthread"
+# gthread, plus a bound on reading each request (slow clients): DTMF_REQUEST_READ_TIMEOUT_S, default 10.
+worker_class = "dtmf_service.worker.ThreadWorker"
 workers = int(os.environ.get("DTMF_WORKERS") or (os.cpu_count() or 1))
 threads = int(os.environ.get("DTMF_THREADS") or 64)
 
@@ -36,21 +36,10 @@ timeout = int(_budget + _read + 10)
 # In-flight requests finish, then the audit queues are spooled (worker_exit).
 graceful_timeout = int(_budget + _read + 10)
 keepalive = 75  # longer than nginx's upstream keepalive_timeout (60 s) so nginx closes first
-# Requests carry no digits in query strings, but a caller could still add one: log the path only.
+# One JSON object per line, every field escaped (dtmf_service/accesslog.py); the path only, no query.
 # DTMF_ACCESS_LOG: a path, "-" for stderr (default), or "off".
 accesslog = None if os.environ.get("DTMF_ACCESS_LOG", "-") == "off" else os.environ.get("DTMF_ACCESS_LOG", "-")
-access_log_format = json.dumps(
-    {
-        "remote": "%(h)s",
-        "request_id": "%({x-request-id}o)s",
-        "method": "%(m)s",
-        "path": "%(U)s",
-        "status": "%(s)s",
-        "bytes": "%(B)s",
-        "duration_ms": "%(M)s",
-        "user_agent": "%(a)s",
-    }
-)
+logger_class = "dtmf_service.accesslog.JsonLogger"
 errorlog = "-"
 loglevel = os.environ.get("DTMF_GUNICORN_LOG_LEVEL", "info")
 proc_name = "dtmf-gateway"
@@ -93,6 +82,17 @@ def post_worker_init(worker):
     gateway = _gateway(worker)
     if gateway is not None:
         gateway.delivery.start()
+
+
+def child_exit(server, worker):
+    """In the master, after any worker exit (kill -9 included): fold its counters into the archive,
+    so that reading the totals costs one file per live worker, not one per worker ever started."""
+    directory = os.environ.get("DTMF_METRICS_DIR")
+    if directory:
+        try:
+            _metrics.fold_dead(directory, worker.pid)
+        except OSError as exc:
+            logging.getLogger("gunicorn.error").error("dtmf-gateway: could not fold worker counters: %s", exc)
 
 
 def worker_exit(server, worker):

@@ -26,6 +26,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
 
     from . import config as cfg
     from .api import bp
+    from .deadlines import request_read_done
     from .errors import register_error_handlers
     from .gateway import Gateway
 
@@ -58,6 +59,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
 
     @app.before_request
     def _request_id() -> None:
+        if request.method != "POST":
+            request_read_done()  # nothing more to read: disarm the slow-client alarm at once
         supplied = request.headers.get("X-Request-ID", "")
         ok = 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable()
         g.request_id = supplied if ok else uuid.uuid4().hex

@@ -11,7 +11,8 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .body import BadRequest, UnsupportedMediaType, parse_object, read_body
+from .body import BadRequest, BodyIncomplete, UnsupportedMediaType, parse_object, read_body
+from .deadlines import request_read_done
 from .errors import error_response, json_response, log_exception
 from .gateway import Gateway
 from .idempotency import valid_key
@@ -87,6 +88,10 @@ def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, b
         return error_response(413, "invalid_request", f"request body larger than {gw.max_body} bytes"), True
     except UnsupportedMediaType:
         return error_response(415, "invalid_request", "Content-Type must be application/json"), True
+    except BodyIncomplete:
+        return error_response(408, "invalid_request", "the request body did not arrive in time"), True
+    finally:
+        request_read_done()  # the body is in (or refused): the slow-client alarm has done its job
     key = request.headers.get("Idempotency-Key")
     if key is not None and not valid_key(key):
         error = "Idempotency-Key must be 1 to 255 printable ASCII characters"

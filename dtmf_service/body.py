@@ -16,6 +16,10 @@ class UnsupportedMediaType(Exception):
     """Content-Type is not application/json: 415."""
 
 
+class BodyIncomplete(Exception):
+    """The body stopped short of its Content-Length (the caller stalled or hung up): 408."""
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -43,7 +47,10 @@ def read_body(environ: dict[str, Any], max_body: int) -> bytes:
     if length is None:
         # Chunked: read one byte past the limit (werkzeug would silently cut the body at it).
         return _read_limited(stream, max_body) if environ.get("wsgi.input_terminated") else b""
-    return _read_exact(stream, length)
+    body = _read_exact(stream, length)
+    if len(body) < length:
+        raise BodyIncomplete()
+    return body
 
 
 def _read_exact(stream: Any, length: int) -> bytes:

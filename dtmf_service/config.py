@@ -6,9 +6,10 @@ Every key has a type; a bad value stops start-up with one line naming the key
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,44 @@ KEYS: dict[str, Key] = {
 }
 
 _STRING_KINDS = {"str", "secret", "choice", "list", "secret_list"}
+
+# DTMF_* variables that gunicorn.conf.py reads (deployment, not the application): known keys too.
+DEPLOYMENT_KEYS = frozenset(
+    {"BIND", "WORKERS", "THREADS", "ACCESS_LOG", "GUNICORN_LOG_LEVEL", "CONTROL_SOCKET", "REQUEST_READ_TIMEOUT_S"}
+)
+
+
+def reject_unknown(config: Mapping[str, Any], plugin_keys: Iterable[str] = ()) -> None:
+    """Stop start-up on a key that names nothing (CONTRACT.md section 8, *rev 2*): a typo such as
+    DTMF_AUDIT_DIGIT must never leave redaction, authentication or signing silently off."""
+    from flask import Flask
+
+    known = set(KEYS) | DEPLOYMENT_KEYS | set(plugin_keys) | set(Flask.default_config) | {"SANDBOX"}
+    for name in sorted(config):
+        if name in known or not isinstance(name, str) or not name.isupper():
+            continue
+        nearest = difflib.get_close_matches(name, sorted(known - set(Flask.default_config)), n=1, cutoff=0.6)
+        hint = f"; did you mean {nearest[0]}?" if nearest else ""
+        raise ConfigError(f"{name}: unknown configuration key (DTMF_{name} in the environment){hint}")
+
+
+def read_api_keys_file(path: str) -> list[str]:
+    """One key per line; blank lines and ``#`` comments ignored. Read at each worker's start, so
+    ``kill -HUP <master>`` (systemctl reload) adds and revokes keys without a restart."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"API_KEYS_FILE: cannot read {path} ({type(exc).__name__})") from None
+    keys = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if any(c.isspace() for c in text) or not text.isprintable():
+            raise ConfigError(f"API_KEYS_FILE: line {number} of {path} is not a single key")
+        keys.append(text)
+    return keys
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -216,6 +255,8 @@ def finalise(config: dict[str, Any]) -> None:
         config[name] = normalise(name, key, config.get(name))
     config.pop("SANDBOX", None)  # derived below, never taken from the environment or a file
     config["SANDBOX"] = is_sandbox(config)
+    if config["API_KEYS_FILE"]:
+        config["API_KEYS"] = list(config["API_KEYS"]) + read_api_keys_file(config["API_KEYS_FILE"])
     _derive_urls(config)
     _check_combinations(config)
 

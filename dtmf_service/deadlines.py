@@ -88,3 +88,24 @@ class Watchdog:
 
 
 WATCHDOG = Watchdog()
+
+
+# -- reading a caller's request ------------------------------------------------------------------
+# gunicorn's gthread worker waits a bounded time for a request's first byte, but none at all
+# after it: one byte then silence holds a thread for ever, and a few such connections starve
+# the worker. The worker arms an alarm when it starts reading a request; the application
+# disarms it once the body is in (or at once for a request without one). An alarm that fires
+# shuts the socket for reading, so the blocked read sees end-of-file.
+_request = threading.local()
+
+
+def guard_request_read(sock: socket.socket, timeout_s: float) -> None:
+    """Arm this thread's request-read alarm on the caller's socket."""
+    _request.alarm = WATCHDOG.arm(sock, timeout_s, socket.SHUT_RD)
+
+
+def request_read_done() -> bool:
+    """Disarm this thread's request-read alarm; False when it had already cut the socket."""
+    alarm = getattr(_request, "alarm", None)
+    _request.alarm = None
+    return WATCHDOG.cancel(alarm)

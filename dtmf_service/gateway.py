@@ -12,14 +12,14 @@ from flask import Request, Response, g
 
 from . import metrics as shared_metrics
 from .auth import TokenCache
-from .config import is_sandbox
+from .config import is_sandbox, reject_unknown
 from .cxone import CXoneClient
 from .delivery import DeliveryEngine
 from .dialects import make_dialect
 from .errors import error_response
 from .events import Redactor, build_event
 from .idempotency import Idempotency
-from .pluginmanager import build_plugin_manager, resolve
+from .pluginmanager import build_plugin_manager, plugin_config_keys, resolve
 from .simulator import Simulator
 from .transport import HttpTransport, SimulatorTransport, Transport
 
@@ -59,6 +59,7 @@ class Gateway:
         self.counters = shared_metrics.shared_counters(config["METRICS_DIR"])
         self.counters.declare(CORE_COUNTERS)
         self.plugins = build_plugin_manager(config)
+        reject_unknown(config, plugin_config_keys(self.plugins))
         self.exporters = resolve(self.plugins, "exporter", config["METRICS_EXPORTERS"], config)
         sinks = resolve(self.plugins, "sink", config["AUDIT_SINKS"], config)
         self.delivery = DeliveryEngine(sinks, config, self.counters)
@@ -158,4 +159,3 @@ class Gateway:
                     log.error("metrics exporter %r failed to close: %s", name, type(exc).__name__)
         self.idempotency.close()
         self.transport.close()
-

@@ -37,3 +37,11 @@ def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> Any:
 @hookspec(firstresult=True)
 def dtmf_metrics_exporter(name: str, config: Mapping[str, Any]) -> Any:
     """Return the metrics exporter called ``name`` (an object with ``record(event)``), or None if not this plugin's."""
+
+
+@hookspec
+def dtmf_config_keys() -> Any:
+    """Return the names of the configuration keys this plugin reads (an iterable of strings).
+
+    Keys nobody declares stop start-up, so a plugin must declare its own (CONTRACT.md section 8).
+    """

@@ -98,7 +98,9 @@ class Idempotency:
         key = secret.encode() if secret else store.local_key()
         return cls(store, int(config["IDEMPOTENCY_TTL_S"]), lease, key, on_store_error)
 
-    def run(self, key: str, scope: str, raw_body: bytes, handle: Callable[[], Response], digits: str) -> tuple[Response, bool]:
+    def run(
+        self, key: str, scope: str, raw_body: bytes, handle: Callable[[], Response], digits: str
+    ) -> tuple[Response, bool]:
         """The response, and whether it was processed here (False: replayed or refused).
 
         The stored body never holds the digits (a card number or PIN would sit in the store for a
@@ -434,7 +436,12 @@ class RedisStore:
             data = json.loads(raw)
             if data["state"] == "in_flight" and data.get("lease", 0) <= time.time():
                 unknown = json.dumps(
-                    {"state": "done", "fingerprint": data["fingerprint"], "status": UNKNOWN_STATUS, "body": UNKNOWN_BODY}
+                    {
+                        "state": "done",
+                        "fingerprint": data["fingerprint"],
+                        "status": UNKNOWN_STATUS,
+                        "body": UNKNOWN_BODY,
+                    }
                 )
                 self._redis.eval(self._LAPSE, 1, name, raw, unknown)
                 continue  # read back whatever is there now

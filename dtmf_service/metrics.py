@@ -5,6 +5,13 @@ memory-mapped file in a shared directory, and a read merges every file. A
 counter sums all files, those of dead workers included, so totals survive a
 worker restart; a gauge sums the files of live processes only. The gunicorn
 master wipes the directory when it starts (gunicorn.conf.py).
+
+When a worker exits, the master folds its counters into one archive file and
+removes its file (``fold_dead``, at gunicorn's ``child_exit``, where
+prometheus_client calls ``mark_process_dead``), so a read costs one file per
+live worker plus one, however many workers have come and gone. Each process
+file carries a random token; the archive lists the tokens it has absorbed, so a
+reader that saw a file just before it was folded does not count it twice.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ import mmap
 import os
 import struct
 import threading
+import time
+import uuid
 from collections.abc import Iterable
+from typing import Any
 
 _MAGIC = b"DTMFCNT1"
 _HEADER = 8192  # magic, length, JSON list of names; values follow
@@ -35,6 +45,7 @@ class SharedCounters:
         self._slots: dict[str, int] = {}
         self._gauges: set[str] = set()
         self._declared: list[str] = []
+        self._token = ""
 
     def declare(self, names: Iterable[str]) -> None:
         """Names to lay out when a process opens its file, so its header is written once, up front."""
@@ -46,6 +57,9 @@ class SharedCounters:
         names = list(names)
         self._gauges.update(names)
         self.declare(names)
+        with self._lock:
+            if self._map is not None and self._pid == os.getpid():
+                self._write_names()  # the header says which names are levels (fold_dead skips them)
 
     def inc(self, name: str, amount: float = 1.0) -> None:
         with self._lock:
@@ -68,16 +82,23 @@ class SharedCounters:
 
     def totals(self) -> dict[str, float]:
         """Every name, merged over all process files."""
-        merged: dict[str, float] = {}
+        files = []
         for path in glob.glob(os.path.join(self.directory, "counters-*.bin")):
             try:
                 pid = int(os.path.basename(path)[9:-4])
-                values = _read_file(path)
+                files.append((pid, *_read_file(path)))
             except (OSError, ValueError):
-                continue  # a file being created right now; next read sees it
+                continue  # a file being created right now, or folded away; the archive has it
+        # The archive is read last: a file folded after it was read above is then skipped by token.
+        archive = _read_archive(self.directory)
+        folded = {entry[0] for entry in archive["folded"]}
+        merged: dict[str, float] = dict(archive["totals"])
+        for pid, token, gauges, values in files:
+            if token is not None and token in folded:
+                continue
             alive = pid_alive(pid)
             for name, value in values.items():
-                if name in self._gauges and not alive:
+                if (name in gauges or name in self._gauges) and not alive:
                     continue
                 merged[name] = merged.get(name, 0.0) + value
         return merged
@@ -103,12 +124,12 @@ class SharedCounters:
         finally:
             os.close(fd)
         names = _read_names(self._map)
+        self._token = uuid.uuid4().hex  # a reused pid's file gets a fresh identity too
         self._slots = {name: index for index, name in enumerate(names)}
         missing = [n for n in self._declared if n not in self._slots]
         for name in missing:
             self._slots[name] = len(self._slots)
-        if missing or not names:
-            self._write_names()
+        self._write_names()
         for gauge in self._gauges & set(self._slots):
             # A reused pid inherits a dead process's file: its levels are stale, its totals are not.
             _SLOT.pack_into(self._map, _HEADER + self._slots[gauge] * _SLOT.size, 0.0)
@@ -124,27 +145,68 @@ class SharedCounters:
     def _write_names(self) -> None:
         assert self._map is not None
         names = sorted(self._slots, key=self._slots.__getitem__)
-        blob = json.dumps(names).encode()
+        header = {"names": names, "gauges": sorted(self._gauges & set(names)), "token": self._token}
+        blob = json.dumps(header).encode()
         if len(blob) + 12 > _HEADER:
             raise RuntimeError("metric names do not fit the header")
         self._map[8 : 12 + len(blob)] = struct.pack("<I", len(blob)) + blob
         self._map[0:8] = _MAGIC
 
 
-def _read_names(buffer: bytes | mmap.mmap) -> list[str]:
+def _read_header(buffer: bytes | mmap.mmap) -> dict[str, Any]:
     if bytes(buffer[0:8]) != _MAGIC:
-        return []
+        return {"names": [], "gauges": [], "token": None}
     (length,) = struct.unpack_from("<I", buffer, 8)
     if length > _HEADER - 12:
         raise ValueError("corrupt counters header")
     return json.loads(bytes(buffer[12 : 12 + length]))
 
 
-def _read_file(path: str) -> dict[str, float]:
+def _read_names(buffer: bytes | mmap.mmap) -> list[str]:
+    return list(_read_header(buffer)["names"])
+
+
+def _read_file(path: str) -> tuple[str | None, set[str], dict[str, float]]:
+    """A process file's token, gauge names and values."""
     with open(path, "rb") as handle:
         data = handle.read()
-    names = _read_names(data)
-    return {name: _SLOT.unpack_from(data, _HEADER + i * _SLOT.size)[0] for i, name in enumerate(names)}
+    header = _read_header(data)
+    values = {name: _SLOT.unpack_from(data, _HEADER + i * _SLOT.size)[0] for i, name in enumerate(header["names"])}
+    return header["token"], set(header["gauges"]), values
+
+
+_ARCHIVE = "archive.json"
+_FOLDED_MEMORY_S = 300.0  # a reader takes milliseconds; tokens older than this are forgotten
+
+
+def _read_archive(directory: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(directory, _ARCHIVE), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {"totals": {}, "folded": []}
+
+
+def fold_dead(directory: str, pid: int) -> None:
+    """Fold an exited process's counters into the archive and remove its file (master only)."""
+    path = os.path.join(directory, f"counters-{pid}.bin")
+    try:
+        token, gauges, values = _read_file(path)
+    except (OSError, ValueError):
+        return
+    archive = _read_archive(directory)
+    totals = archive["totals"]
+    for name, value in values.items():
+        if name not in gauges:  # a dead process holds no level
+            totals[name] = totals.get(name, 0.0) + value
+    now = time.time()
+    folded = [entry for entry in archive["folded"] if now - entry[1] < _FOLDED_MEMORY_S]
+    folded.append([token, now])
+    tmp = os.path.join(directory, f".{_ARCHIVE}.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({"totals": totals, "folded": folded}, handle)
+    os.replace(tmp, os.path.join(directory, _ARCHIVE))  # readers see the old archive or the new, whole
+    os.unlink(path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -162,7 +224,7 @@ def pid_alive(pid: int) -> bool:
 
 def wipe(directory: str) -> None:
     """Remove every process file: a new master starts from zero."""
-    for path in glob.glob(os.path.join(directory, "counters-*.bin")):
+    for path in [*glob.glob(os.path.join(directory, "counters-*.bin")), os.path.join(directory, _ARCHIVE)]:
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -14,7 +14,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .config import ConfigError
+from .config import ConfigError, reject_unknown
 
 log = logging.getLogger("dtmf_service")
 
@@ -60,6 +60,14 @@ def build_plugin_manager(config: Mapping[str, Any]) -> pluggy.PluginManager:
     return pm
 
 
+def plugin_config_keys(pm: pluggy.PluginManager) -> set[str]:
+    """Every configuration key that some plugin declares."""
+    keys: set[str] = set()
+    for declared in pm.hook.dtmf_config_keys():
+        keys.update(str(name) for name in declared or ())
+    return keys
+
+
 def resolve(pm: pluggy.PluginManager, kind: str, names: list[str], config: Mapping[str, Any]) -> dict[str, Any]:
     """Ask the plugins for each named sink or exporter; an unknown name stops start-up."""
     hook = pm.hook.dtmf_audit_sink if kind == "sink" else pm.hook.dtmf_metrics_exporter
@@ -81,6 +89,7 @@ def resolve(pm: pluggy.PluginManager, kind: str, names: list[str], config: Mappi
 def check_plugins(config: Mapping[str, Any]) -> None:
     """Resolve every configured sink and exporter once, then close them: fail before forking workers."""
     pm = build_plugin_manager(config)
+    reject_unknown(config, plugin_config_keys(pm))
     for kind, key in (("sink", "AUDIT_SINKS"), ("exporter", "METRICS_EXPORTERS")):
         for instance in resolve(pm, kind, list(config.get(key) or []), config).values():
             closer = getattr(instance, "close", None)

@@ -59,9 +59,7 @@ class _Answer:
 
 
 class Transport(Protocol):
-    def request(
-        self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
-    ) -> Answer:
+    def request(self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float) -> Answer:
         """Send and read the whole answer within ``timeout_s``; raise NotSent or Unknown."""
 
     def close(self) -> None: ...
@@ -125,9 +123,7 @@ class HttpTransport:
         self._idle: dict[str, list[tuple[float, http.client.HTTPConnection]]] = {}
         self._lock = threading.Lock()
 
-    def request(
-        self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
-    ) -> Answer:
+    def request(self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float) -> Answer:
         deadline = time.monotonic() + timeout_s
         origin, target = _split(url)
         conn = self._checkout(origin)
@@ -219,9 +215,7 @@ class SimulatorTransport:
     def __init__(self, simulator: Any) -> None:
         self.simulator = simulator
 
-    def request(
-        self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
-    ) -> Answer:
+    def request(self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float) -> Answer:
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         answer = self.simulator.handle(method, target, {k.lower(): v for k, v in headers.items()}, body or b"")

@@ -111,7 +111,7 @@ def trickle(interval_s: float, total_s: float) -> Behaviour:
     """Answer 200 one byte at a time, every ``interval_s``, for at most ``total_s``."""
 
     def behaviour(conn: socket.socket) -> None:
-        answer = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}'
+        answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
         deadline = time.monotonic() + total_s
         for byte in answer:
             if time.monotonic() > deadline:
@@ -123,4 +123,4 @@ def trickle(interval_s: float, total_s: float) -> Behaviour:
 
 
 def answer_ok(conn: socket.socket) -> None:
-    conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}')
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")

@@ -63,9 +63,7 @@ def test_tls_broken_after_the_post_is_504_unknown_and_a_keyed_retry_does_not_pre
         upstream.close()
 
 
-def test_trickling_answer_is_cut_at_the_deadline_and_a_repeat_meanwhile_is_409(
-    audited_env, sim_url, start_gunicorn
-):
+def test_trickling_answer_is_cut_at_the_deadline_and_a_repeat_meanwhile_is_409(audited_env, sim_url, start_gunicorn):
     upstream = RawUpstream(trickle(0.3, 60))
     try:
         env = {
@@ -110,9 +108,7 @@ db.execute("ROLLBACK")
 """
 
 
-def test_sqlite_store_locked_by_another_process_after_cxone_answered(
-    tmp_path, audited_env, sim, start_gunicorn
-):
+def test_sqlite_store_locked_by_another_process_after_cxone_answered(tmp_path, audited_env, sim, start_gunicorn):
     sim.script("dtmf:call-1", [{"status": 200, "delay_s": 1.0, "body": {"ok": True}}])
     gateway = start_gunicorn(audited_env, workers=2)
     db_path = audited_env["DTMF_IDEMPOTENCY_STORE"][len("sqlite:///") :]
@@ -132,6 +128,7 @@ def test_sqlite_store_locked_by_another_process_after_cxone_answered(
     assert (figures["successful_parses"], figures["submission_failures"]) == (1, 0)
     assert figures["idempotency_store_errors"] == 1
     locker.wait(10)
+
     # Once the lock is gone the outcome is written in the background: the retry is a replay.
     def replayed():
         again = keyed(gateway.url, "locked-1")

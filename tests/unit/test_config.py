@@ -1,5 +1,6 @@
 """CONTRACT.md section 6: keys from DTMF_* and a file, types kept, bad values stop start-up in one line."""
 
+import os
 import subprocess
 import sys
 
@@ -154,3 +155,36 @@ def test_empty_values_mean_unset_and_empty_lists_mean_none():
     assert config["CXONE_MAX_ATTEMPTS"] == 3
     assert config["METRICS_EXPORTERS"] == []
     assert cfg.is_sandbox(config)
+
+
+def test_a_misspelt_key_stops_start_up_naming_the_nearest(tmp_path):
+    env = {**os.environ, "DTMF_AUDIT_DIGIT": "masked", "DTMF_METRICS_DIR": str(tmp_path)}
+    env = {k: v for k, v in env.items() if not k.startswith("DTMF_") or k in ("DTMF_AUDIT_DIGIT", "DTMF_METRICS_DIR")}
+    out = subprocess.run([sys.executable, "-c", "import app"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 4
+    (line,) = out.stderr.strip().splitlines()
+    assert "AUDIT_DIGIT: unknown configuration key" in line and "did you mean AUDIT_DIGITS?" in line
+
+
+def test_keys_that_gunicorn_conf_reads_are_known(make_app):
+    make_app(BIND="127.0.0.1:1", WORKERS="2", THREADS="4", ACCESS_LOG="off")
+
+
+def test_unknown_key_in_a_config_file_stops_start_up(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text('{"API_KEY": "k"}')
+    config = {}
+    cfg.load_sources(config, {"DTMF_CONFIG_FILE": str(path)})
+    cfg.finalise(config)
+    with pytest.raises(cfg.ConfigError, match="did you mean API_KEYS"):
+        cfg.reject_unknown(config)
+
+
+def test_api_keys_file_is_read_with_comments_and_merged(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# operators\nkey-one\n\n  key-two  \n")
+    config = {"API_KEYS": "inline", "API_KEYS_FILE": str(path)}
+    cfg.finalise(config)
+    assert config["API_KEYS"] == ["inline", "key-one", "key-two"]
+    with pytest.raises(cfg.ConfigError, match="API_KEYS_FILE: cannot read"):
+        cfg.finalise({"API_KEYS_FILE": str(tmp_path / "missing")})

@@ -10,7 +10,6 @@ import time
 from urllib.parse import parse_qs
 
 import pytest
-import requests
 
 from dtmf_service import config as cfg
 from dtmf_service.auth import TokenCache

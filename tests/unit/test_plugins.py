@@ -28,7 +28,8 @@ def test_every_hook_has_a_test():
 def test_hooks_are_firstresult_and_prefixed():
     for name in hook_names():
         opts = getattr(getattr(hookspecs, name), "dtmf_service_spec")
-        assert opts["firstresult"] is True
+        # Factories answer once (firstresult); declarations are collected from every plugin.
+        assert opts["firstresult"] is (name != "dtmf_config_keys")
 
 
 @pytest.fixture
@@ -237,3 +238,19 @@ def test_third_party_plugin_through_its_entry_point(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "ACME dtmf_submitted" in out.stdout
+
+
+def test_hook_dtmf_config_keys(make_app, plugin_module):
+    from dtmf_service.config import ConfigError
+
+    name = plugin_module("""
+        from dtmf_service import hookimpl
+
+        @hookimpl
+        def dtmf_config_keys():
+            return ["ACME_SINK_URL"]
+    """)
+    app = make_app(PLUGINS=[name], ACME_SINK_URL="http://127.0.0.1:1/x")
+    assert app.config["ACME_SINK_URL"] == "http://127.0.0.1:1/x"
+    with pytest.raises(ConfigError, match="ACME_SINK_URI: unknown configuration key.*did you mean ACME_SINK_URL"):
+        make_app(PLUGINS=[name], ACME_SINK_URI="http://127.0.0.1:1/x")
