@@ -61,7 +61,8 @@ def nginx(tmp_path):
 
         def up():
             try:
-                return requests.get(f"{url}/healthz", timeout=1).status_code == 200
+                requests.get(f"{url}/healthz", timeout=1)  # nginx answers (even 502): it is up
+                return True
             except requests.RequestException:
                 return False
 
@@ -143,3 +144,34 @@ def test_query_strings_never_reach_the_access_logs(behind_nginx, tmp_path):
         text = (tmp_path / name).read_text()
         assert "/api/dtmf/parse" in text
         assert "5551234" not in text
+
+
+def test_worker_killed_after_the_request_was_passed_on_is_504_submission_unknown(
+    tmp_path, sim, sim_url, gateway_env, start_gunicorn, nginx
+):
+    import os
+    import signal
+    import threading
+
+    sim.script("dtmf:call-1", [{"status": 200, "delay_s": 3.0, "body": {"ok": True}}])
+    gateway = start_gunicorn({**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_PROXY_COUNT": "1"}, workers=1)
+    port = nginx(gateway.port)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("r", send_from(port, VALID)))
+    thread.start()
+    wait_until(lambda: sim.seen("dtmf"), timeout=10)
+    (worker,) = gateway.worker_pids()
+    os.kill(worker, signal.SIGKILL)  # as the OOM killer would, after the digits went to CXone
+    thread.join(30)
+    response, payload = result["r"]
+    assert response.status == 504
+    assert response.getheader("Content-Type") == "application/json"
+    assert json.loads(payload) == {**json.loads(payload), "status": "submission_unknown", "cxone_status": None}
+
+
+def test_gateway_down_before_anything_was_passed_on_is_502_nothing_sent(nginx, closed_port):
+    port = nginx(closed_port)
+    response, payload = send_from(port, VALID)
+    assert response.status == 502
+    body = json.loads(payload)
+    assert body["status"] == "submission_failed" and body["cxone_status"] is None
