@@ -51,6 +51,9 @@ class SinkWorker:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._inflight: list[dict[str, Any]] = []
+        self._overflow: list[dict[str, Any]] = []
+        self._overflow_lock = threading.Lock()
+        self._overflow_max = max(self._queue_size, 10000)  # held only until the thread's next step
         self._down_until = 0.0
         self._down_level = 0
         self._next_scan = 0.0
@@ -60,13 +63,26 @@ class SinkWorker:
 
     # -- request side --------------------------------------------------------------------------
     def submit(self, event: dict[str, Any]) -> None:
-        """Hand an event over without blocking; a full queue spills it to the spool."""
+        """Hand an event over without blocking or touching the disk: a full queue overflows into a
+        list that the delivery thread spools (callers never wait on audit)."""
         self._ensure_thread()
         try:
             self._queue.put_nowait(event)
         except queue.Full:
-            self._spool([event])
+            with self._overflow_lock:
+                if len(self._overflow) < self._overflow_max:
+                    self._overflow.append(event)
+                    return
+            self._dropped(1)
+            log.error("audit sink %s: queue and overflow full; an event was dropped", self.name)
+            return
         self._publish_pending()
+
+    def _spool_overflow(self) -> None:
+        with self._overflow_lock:
+            events, self._overflow = self._overflow, []
+        if events:
+            self._spool(events)
 
     def _spool(self, events: list[dict[str, Any]]) -> None:
         """Park events on disk; a disk that refuses (full, read-only) costs them, counted and logged."""
@@ -87,6 +103,7 @@ class SinkWorker:
                 # After fork: the parent's queue and thread do not exist here.
                 self._queue = queue.Queue(self._queue_size)
                 self._inflight = []
+                self._overflow = []
                 self._stop = threading.Event()
             self._pid = pid
             self._thread = threading.Thread(target=self._run, name=f"audit-{self.name}", daemon=True)
@@ -103,6 +120,7 @@ class SinkWorker:
         self._park_everything()
 
     def _step(self) -> None:
+        self._spool_overflow()
         batch = self._take(_IDLE_WAIT_S)
         now = time.monotonic()
         if batch:
@@ -205,6 +223,7 @@ class SinkWorker:
             self._down_level = 0
 
     def _park_everything(self) -> None:
+        self._spool_overflow()
         leftovers = list(self._inflight)
         while True:
             try:
@@ -239,13 +258,14 @@ class SinkWorker:
         """Wait until this process's queue is empty (tests and benchmarks)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._queue.empty() and not self._inflight:
+            if self._queue.empty() and not self._inflight and not self._overflow:
                 return True
             time.sleep(0.01)
         return False
 
     def _publish_pending(self) -> None:
-        self._counters.set(self._prefix + "pending", self._queue.qsize() + len(self._inflight))
+        pending = self._queue.qsize() + len(self._inflight) + len(self._overflow)
+        self._counters.set(self._prefix + "pending", pending)
 
     def _dropped(self, count: int) -> None:
         self._counters.inc("audit_dropped", count)

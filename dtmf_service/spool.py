@@ -58,7 +58,13 @@ class Spool:
         data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode()
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(_sequence)}-n{len(events)}.jsonl"
         tmp = os.path.join(self.directory, f"{_TMP_PREFIX}{os.getpid()}-{name}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:
+            # The folder was deleted under us (a clean-up gone wrong): make it again, never drop for that.
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            log.warning("audit spool %s: folder was missing and has been recreated", self.sink)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, data)
             os.fsync(fd)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import threading
@@ -45,13 +47,25 @@ class FileSink:
         return self._fd
 
     def _write(self, data: bytes, sync: bool) -> None:
+        """Whole lines or nothing: a short write (full disk) is cut back off, so every line of the file
+        parses as JSON and the retry appends after a complete line. The flock keeps other workers'
+        appends out of the way while a short write is undone."""
         with self._lock:
             fd = self._descriptor()
-            written = os.write(fd, data)
-            if written != len(data):
-                raise OSError("short write to audit file")
-            if sync:
-                os.fsync(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    written = os.write(fd, data)
+                except OSError:
+                    written = -1
+                if written != len(data):
+                    os.ftruncate(fd, start)
+                    raise OSError(errno.ENOSPC, "audit file: short write undone")
+                if sync:
+                    os.fsync(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def deliver(self, event: dict[str, Any]) -> None:
         self._write((json.dumps(event, separators=(",", ":")) + "\n").encode(), self.fsync != "never")

@@ -149,8 +149,55 @@ def test_queue_overflow_spills_to_the_spool(config, counters):
     worker = SinkWorker("s", sink, {**config, "AUDIT_QUEUE_SIZE": 5}, counters)
     for _ in range(30):
         worker.submit(make_event())
-    assert worker.spool.pending() >= 20
+    wait_until(lambda: worker.spool.pending() >= 20, timeout=10)  # spooled by the delivery thread
+    assert counters.totals().get("audit_dropped", 0) == 0
     worker.close(0.1)
+
+
+_DISK_EVENTS = {"open", "os.listdir", "os.scandir", "os.rename", "os.remove", "os.mkdir"}
+_watched: dict[int, list[str]] = {}
+
+
+def _audit_hook(event, args):
+    seen = _watched.get(threading.get_ident())
+    if seen is not None and event in _DISK_EVENTS:
+        seen.append(event)
+
+
+def test_callers_never_touch_the_disk_even_with_the_queue_full_and_a_big_spool(config, counters):
+    """Issue 9.11: with the queue full, submit() used to write, fsync and list every segment."""
+    import sys
+
+    spool = Spool(config["AUDIT_SPOOL_DIR"], "s", 1 << 30, lambda n: None)
+    for _ in range(300):
+        spool.append([make_event()])
+    sink = FlakySink()
+    sink.delay_s = 0.2
+    worker = SinkWorker("s", sink, {**config, "AUDIT_QUEUE_SIZE": 2}, counters)
+    worker.submit(make_event())  # this process opens its counters file once, here
+    sys.addaudithook(_audit_hook)  # the interpreter's own record of file-system calls, by thread
+    _watched[threading.get_ident()] = seen = []
+    try:
+        for _ in range(50):
+            worker.submit(make_event())
+    finally:
+        del _watched[threading.get_ident()]
+    assert seen == []
+    worker.close(0.1)
+
+
+def test_a_deleted_spool_folder_is_recreated_and_nothing_is_dropped(config, counters):
+    import shutil
+
+    sink = FlakySink()
+    sink.down = True
+    worker = SinkWorker("s", sink, config, counters)
+    shutil.rmtree(config["AUDIT_SPOOL_DIR"])
+    for _ in range(5):
+        worker.submit(make_event())
+    wait_until(lambda: worker.spool.pending() == 5, timeout=10)
+    assert counters.totals().get("audit_dropped", 0) == 0
+    worker.close(0.5)
 
 
 def test_a_new_process_delivers_what_an_earlier_one_spooled(config, counters):
