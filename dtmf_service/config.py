@@ -94,6 +94,7 @@ KEYS: dict[str, Key] = {
     "AUDIT_FILE_FSYNC": _k("batch", "choice", choices=("always", "batch", "never")),
     "AUDIT_SYSLOG_ADDRESS": _k("/dev/log", "str"),
     "AUDIT_SYSLOG_FACILITY": _k("local0", "str"),
+    "AUDIT_SYSLOG_APP_NAME": _k("dtmf-gateway", "str"),
     "STATSD_HOST": _k("127.0.0.1", "str"),
     "STATSD_PORT": _k(8125, "int", minimum=1, maximum=65535),
     "STATSD_PREFIX": _k("dtmf", "str"),

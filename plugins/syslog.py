@@ -1,14 +1,21 @@
-"""Audit sink ``syslog``: one event per message, ``<PRI>`` then the event's JSON.
+"""Audit sink ``syslog``: one event per RFC 5424 message (CONTRACT.md section 7, *rev 2*).
 
-AUDIT_SYSLOG_ADDRESS: ``udp://host:port``, ``tcp://host:port`` or a Unix socket path (default /dev/log).
-Over TCP each message is terminated by a newline (RFC 6587 non-transparent framing).
+    <PRI>1 <RFC 3339 timestamp> <hostname> <app name> <pid> audit - <the event's JSON>
+
+AUDIT_SYSLOG_ADDRESS: ``udp://host:port``, ``tcp://host:port`` or a Unix socket path (default
+/dev/log). Over TCP each message is framed by octet counting (RFC 6587 3.4.1: ``<length> <message>``),
+so a JSON message can never be split or joined by a newline. A Unix socket may be a datagram socket
+(rsyslog's imuxsock, journald) or a stream socket (syslog-ng's ``unix-stream()``): the sink tries
+datagram first and falls back to stream, where each message ends with a newline as those daemons expect.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-import logging
 import logging.handlers
+import os
+import select
 import socket
 import threading
 from collections.abc import Mapping
@@ -19,66 +26,106 @@ from dtmf_service import hookimpl
 from dtmf_service.config import ConfigError
 
 _SEVERITY_INFO = 6
+_NILVALUE = "-"
 
 
-def parse_address(address: str) -> tuple[Any, int]:
-    """``(address, socktype)`` for SysLogHandler."""
+def parse_address(address: str) -> tuple[str, Any]:
+    """``(kind, address)`` with kind ``udp``, ``tcp`` or ``unix``."""
     if address.startswith(("udp://", "tcp://")):
         parts = urlsplit(address)
         if not parts.hostname or not parts.port:
             raise ConfigError(f"AUDIT_SYSLOG_ADDRESS: expected udp://host:port or tcp://host:port, got {address!r}")
-        kind = socket.SOCK_DGRAM if parts.scheme == "udp" else socket.SOCK_STREAM
-        return (parts.hostname, parts.port), kind
+        return parts.scheme, (parts.hostname, parts.port)
     if address.startswith("/"):
-        return address, socket.SOCK_DGRAM  # SysLogHandler falls back to a stream socket by itself
+        return "unix", address
     raise ConfigError(f"AUDIT_SYSLOG_ADDRESS: expected udp://, tcp:// or a socket path, got {address!r}")
 
 
-class SyslogSink:
-    """Sends through the standard library's SysLogHandler, raising when a send fails."""
+def _header_token(text: str, limit: int) -> str:
+    """An RFC 5424 header field: printable US-ASCII without spaces, at most ``limit`` characters."""
+    cleaned = "".join(c for c in text if 33 <= ord(c) <= 126)[:limit]
+    return cleaned or _NILVALUE
 
-    def __init__(self, address: str, facility: str) -> None:
+
+def format_message(priority: int, hostname: str, app_name: str, event: dict[str, Any]) -> bytes:
+    """One RFC 5424 message; the JSON (ASCII-escaped) is the MSG part."""
+    timestamp = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    header = f"<{priority}>1 {timestamp} {hostname} {app_name} {os.getpid()} audit {_NILVALUE} "
+    return (header + json.dumps(event, separators=(",", ":"))).encode("ascii")
+
+
+class SyslogSink:
+    """Raises when a send fails, so the core keeps the event and tries again."""
+
+    def __init__(self, address: str, facility: str, app_name: str = "dtmf-gateway") -> None:
         facilities = logging.handlers.SysLogHandler.facility_names
         if facility not in facilities:
             raise ConfigError(f"AUDIT_SYSLOG_FACILITY: unknown facility {facility!r}")
-        self.address, self.socktype = parse_address(address)
+        self.kind, self.address = parse_address(address)
         self.priority = facilities[facility] * 8 + _SEVERITY_INFO
-        self._handler: logging.handlers.SysLogHandler | None = None
+        self.hostname = _header_token(socket.gethostname(), 255)
+        self.app_name = _header_token(app_name, 48)
+        self._sock: socket.socket | None = None
+        self._stream = False
+        self._pid: int | None = None
         self._lock = threading.Lock()
 
-    def _connected(self) -> logging.handlers.SysLogHandler:
-        if self._handler is None:
-            self._handler = logging.handlers.SysLogHandler(address=self.address, socktype=self.socktype)
-        return self._handler
+    def _connected(self) -> socket.socket:
+        if self._sock is not None and self._pid == os.getpid():
+            if not self._stream or not select.select([self._sock], [], [], 0)[0]:
+                return self._sock
+            self._drop_connection()  # the daemon closed the stream: a send now would vanish unseen
+        if self.kind == "unix":
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sock.connect(self.address)
+                self._stream = False
+            except OSError:
+                sock.close()
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # EPROTOTYPE: a stream socket
+                try:
+                    sock.connect(self.address)
+                except OSError:
+                    sock.close()
+                    raise
+                self._stream = True
+        else:
+            family_type = socket.SOCK_DGRAM if self.kind == "udp" else socket.SOCK_STREAM
+            host, port = self.address
+            info = socket.getaddrinfo(host, port, type=family_type)[0]
+            sock = socket.socket(info[0], family_type)
+            try:
+                sock.settimeout(5.0)
+                sock.connect(info[4])
+            except OSError:
+                sock.close()
+                raise
+            self._stream = self.kind == "tcp"
+        self._sock, self._pid = sock, os.getpid()
+        return sock
 
     def deliver(self, event: dict[str, Any]) -> None:
-        message = f"<{self.priority}>" + json.dumps(event, separators=(",", ":"))
-        data = message.encode()
+        message = format_message(self.priority, self.hostname, self.app_name, event)
         with self._lock:
             try:
-                handler = self._connected()
-                if handler.unixsocket:
-                    try:
-                        handler.socket.send(data)
-                    except OSError:
-                        handler.socket.close()
-                        handler._connect_unixsocket(handler.address)
-                        handler.socket.send(data)
-                elif handler.socktype == socket.SOCK_DGRAM:
-                    handler.socket.sendto(data, handler.address)
+                sock = self._connected()
+                if not self._stream:
+                    sock.send(message)
+                elif self.kind == "tcp":
+                    sock.sendall(f"{len(message)} ".encode() + message)  # octet counting
                 else:
-                    handler.socket.sendall(data + b"\n")
+                    sock.sendall(message + b"\n")  # unix-stream: newline-terminated, as syslog-ng reads it
             except OSError:
                 self._drop_connection()
                 raise
 
     def _drop_connection(self) -> None:
-        if self._handler is not None:
+        if self._sock is not None:
             try:
-                self._handler.close()
+                self._sock.close()
             except OSError:
                 pass
-            self._handler = None
+            self._sock = None
 
     def close(self) -> None:
         with self._lock:
@@ -89,4 +136,8 @@ class SyslogSink:
 def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> SyslogSink | None:
     if name != "syslog":
         return None
-    return SyslogSink(config.get("AUDIT_SYSLOG_ADDRESS") or "/dev/log", config.get("AUDIT_SYSLOG_FACILITY") or "local0")
+    return SyslogSink(
+        config.get("AUDIT_SYSLOG_ADDRESS") or "/dev/log",
+        config.get("AUDIT_SYSLOG_FACILITY") or "local0",
+        config.get("AUDIT_SYSLOG_APP_NAME") or "dtmf-gateway",
+    )

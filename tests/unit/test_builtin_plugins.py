@@ -3,6 +3,8 @@
 import hashlib
 import hmac
 import json
+import os
+import re
 import socket
 import threading
 import time
@@ -97,21 +99,35 @@ def test_file_sink_follows_rotation(tmp_path):
     assert len(path.read_text().splitlines()) == 1
 
 
-def test_syslog_udp_one_event_per_message():
+RFC5424 = re.compile(
+    r"^<(?P<pri>\d+)>1 (?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z) (?P<host>\S+) (?P<app>\S+)"
+    r" (?P<pid>\d+) audit - (?P<msg>\{.*\})$"
+)
+
+
+def parse_5424(message):
+    match = RFC5424.match(message)
+    assert match, message
+    return match
+
+
+def test_syslog_udp_one_rfc5424_event_per_message():
     server = UdpReceiver()
     try:
-        sink = SyslogSink(f"udp://127.0.0.1:{server.port}", "local0")
+        sink = SyslogSink(f"udp://127.0.0.1:{server.port}", "local0", app_name="dtmf gw!")
         event = make_event()
         sink.deliver(event)
         wait_until(lambda: server.datagrams, timeout=5)
-        message = server.datagrams[0].decode()
-        assert message.startswith(f"<{LOCAL0_INFO}>")
-        assert json.loads(message[len(f"<{LOCAL0_INFO}>") :]) == event
+        message = parse_5424(server.datagrams[0].decode())
+        assert int(message["pri"]) == LOCAL0_INFO
+        assert message["app"] == "dtmfgw!"  # header fields hold no spaces
+        assert int(message["pid"]) == os.getpid()
+        assert json.loads(message["msg"]) == event
     finally:
         server.close()
 
 
-def test_syslog_tcp_newline_framed_and_facility_configurable():
+def test_syslog_tcp_octet_counted_and_facility_configurable():
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -126,15 +142,19 @@ def test_syslog_tcp_newline_framed_and_facility_configurable():
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     sink = SyslogSink(f"tcp://127.0.0.1:{listener.getsockname()[1]}", "auth")
-    events = [make_event(), make_event()]
+    events = [make_event(), {**make_event(), "cxone_response": "line one\nline two"}]
     for event in events:
         sink.deliver(event)
     sink.close()
     thread.join(5)
     listener.close()
-    lines = bytes(received).decode().splitlines()
-    assert [json.loads(line[line.index(">") + 1 :]) for line in lines] == events
-    assert lines[0].startswith(f"<{4 * 8 + 6}>")
+    data, frames = bytes(received), []
+    while data:  # RFC 6587 3.4.1: "<length> <message>", back to back
+        length, _, rest = data.partition(b" ")
+        frames.append(rest[: int(length)].decode())
+        data = rest[int(length) :]
+    assert [json.loads(parse_5424(f)["msg"]) for f in frames] == events
+    assert int(parse_5424(frames[0])["pri"]) == 4 * 8 + 6
 
 
 def test_syslog_tcp_down_raises(closed_port):
@@ -142,7 +162,7 @@ def test_syslog_tcp_down_raises(closed_port):
         SyslogSink(f"tcp://127.0.0.1:{closed_port}", "local0").deliver(make_event())
 
 
-def test_syslog_unix_socket(tmp_path):
+def test_syslog_unix_datagram_socket(tmp_path):
     path = str(tmp_path / "log.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(path)
@@ -150,10 +170,36 @@ def test_syslog_unix_socket(tmp_path):
         sink = SyslogSink(path, "local0")
         event = make_event()
         sink.deliver(event)
-        data = server.recv(65536).decode()
-        assert json.loads(data[len(f"<{LOCAL0_INFO}>") :]) == event
+        assert json.loads(parse_5424(server.recv(65536).decode())["msg"]) == event
     finally:
         server.close()
+
+
+def test_syslog_unix_stream_socket_as_syslog_ng_listens(tmp_path):
+    """syslog-ng's unix-stream("/dev/log"): the sink used to force datagrams and never delivered."""
+    path = str(tmp_path / "log.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen()
+    received = bytearray()
+
+    def accept():
+        conn, _ = server.accept()
+        with conn:
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    sink = SyslogSink(path, "local0")
+    events = [make_event(), make_event()]
+    for event in events:
+        sink.deliver(event)
+    sink.close()
+    thread.join(5)
+    server.close()
+    lines = bytes(received).decode().splitlines()
+    assert [json.loads(parse_5424(line)["msg"]) for line in lines] == events
 
 
 @pytest.mark.parametrize("address", ["udp://127.0.0.1", "http://x:1", "relative/path"])

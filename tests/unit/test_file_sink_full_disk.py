@@ -6,7 +6,6 @@ import subprocess
 import uuid
 
 import pytest
-
 from dtmf_service.builtin_plugins.file import FileSink
 
 
