@@ -78,7 +78,8 @@ def test_every_event_reaches_every_sink_exactly_once(
     )
     wait_until(lambda: audit_pending(gateway.url) == 0, timeout=10)
     hook_ids, disk_ids = webhook.ids(), file_ids(tmp_path)
-    syslog_ids = [json.loads(d.decode()[d.decode().index(">") + 1 :])["event_id"] for d in syslog.datagrams]
+    # RFC 5424: the JSON message follows "<PRI>1 TIMESTAMP HOST APP PID audit - ".
+    syslog_ids = [json.loads(d.decode().split(" ", 7)[7])["event_id"] for d in syslog.datagrams]
     assert len(set(hook_ids)) == len(hook_ids) == 300
     assert set(hook_ids) == set(disk_ids) == set(syslog_ids)
     assert len(disk_ids) == len(syslog_ids) == 300
