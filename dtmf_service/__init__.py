@@ -27,7 +27,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
     from . import config as cfg
     from .api import bp
     from .deadlines import request_read_done
-    from .errors import register_error_handlers
+    from .errors import error_response, register_error_handlers
     from .gateway import Gateway
 
     app = Flask(__name__)
@@ -58,9 +58,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
     app.register_blueprint(bp)
 
     @app.before_request
-    def _request_id() -> None:
+    def _request_id() -> Any:
         if request.method != "POST":
             request_read_done()  # nothing more to read: disarm the slow-client alarm at once
+        if "//" in _raw_path(request.environ):
+            # gunicorn turns "//api/dtmf/parse" into "/api/dtmf/parse" before routing: judge what was sent.
+            return error_response(404, "invalid_request", "no such endpoint")
         supplied = request.headers.get("X-Request-ID", "")
         ok = 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable()
         g.request_id = supplied if ok else uuid.uuid4().hex
@@ -77,6 +80,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
         )
     atexit.register(gateway.close, 5.0)
     return app
+
+
+def _raw_path(environ: Mapping[str, Any]) -> str:
+    """The request target's path as the caller sent it (origin- or absolute-form), without the query."""
+    raw = str(environ.get("RAW_URI") or environ.get("REQUEST_URI") or "")
+    if raw.startswith(("http://", "https://")):
+        raw = "/" + raw.split("://", 1)[1].partition("/")[2]
+    return raw.split("?", 1)[0]
 
 
 def _configure_logging(level: str) -> None:

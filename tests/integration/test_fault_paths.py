@@ -201,3 +201,83 @@ def _swallow(call):
         call()
     except requests.RequestException:
         pass
+
+
+def test_a_body_nested_980_deep_is_400_counted_and_audited_under_gunicorn(tmp_path, audited_env, start_gunicorn):
+    gateway = start_gunicorn(audited_env, workers=1)
+    deep = "[" * 980 + "]" * 980
+    body = '{"interaction_id":"c","digits":"1","timeout_ms":5000,"sequence_matrix_key":' + deep + "}"
+    response = requests.post(
+        f"{gateway.url}/api/dtmf/parse", data=body, headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert (response.status_code, response.json()["status"]) == (400, "invalid_request")
+    assert metrics(gateway.url)["validation_failures"] == 1
+    (event,) = wait_until(lambda: read_jsonl(tmp_path / "audit.jsonl"))
+    assert event["outcome"] == "invalid_request"
+
+
+def test_file_sink_on_a_full_disk_keeps_whole_lines_and_loses_nothing(
+    tmp_path, small_tmpfs, audited_env, start_gunicorn
+):
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"x" * (60 * 1024))  # leave about 4 KiB: a few events fit, then the disk is full
+    audit = small_tmpfs / "audit.jsonl"
+    env = {**audited_env, "DTMF_AUDIT_FILE_PATH": str(audit), "DTMF_AUDIT_BACKOFF_MAX_S": "0.5"}
+    gateway = start_gunicorn(env, workers=2)
+    answered = 0
+    for _ in range(30):
+        assert requests.post(f"{gateway.url}/api/dtmf/parse", json=VALID, timeout=10).status_code == 200
+        answered += 1
+    time.sleep(1.0)  # let the sinks hit the full disk
+    assert all(line for line in audit.read_bytes().split(b"\n")[:-1])
+    [__import__("json").loads(line) for line in audit.read_text().splitlines()]  # every line parses
+    filler.unlink()
+    # Room again: every answered request's event arrives, whole, none dropped.
+    wait_until(lambda: len({e["event_id"] for e in read_jsonl(audit)}) == answered, timeout=30, interval=0.2)
+    assert metrics(gateway.url)["audit_dropped"] == 0
+
+
+def test_a_spool_folder_deleted_at_run_time_is_recreated(tmp_path, gateway_env, sim_url, start_gunicorn):
+    import shutil
+
+    from tests.helpers import WebhookReceiver
+
+    receiver = WebhookReceiver().start()
+    receiver.stop()  # down: events go to the spool
+    env = {
+        **gateway_env,
+        **dialect_env("tutorial", sim_url),
+        "DTMF_AUDIT_SINKS": "webhook",
+        "DTMF_AUDIT_WEBHOOK_URL": receiver.url,
+        "DTMF_AUDIT_RETRY_ATTEMPTS": "1",
+        "DTMF_AUDIT_BACKOFF_MAX_S": "0.5",
+    }
+    gateway = start_gunicorn(env, workers=2)
+    shutil.rmtree(gateway_env["DTMF_AUDIT_SPOOL_DIR"])
+    for _ in range(10):
+        assert requests.post(f"{gateway.url}/api/dtmf/parse", json=VALID, timeout=10).status_code == 200
+    wait_until(lambda: metrics(gateway.url)["audit_pending"] == 10, timeout=15)
+    receiver.start()
+    try:
+        wait_until(lambda: len(set(receiver.ids())) == 10, timeout=30, interval=0.2)
+        assert metrics(gateway.url)["audit_dropped"] == 0
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.parametrize("path", ["/api//dtmf/parse", "//api/dtmf/parse"])
+def test_no_redirect_and_options_is_405_through_real_gunicorn(audited_env, start_gunicorn, path):
+    import http.client
+
+    gateway = start_gunicorn(audited_env, workers=1)
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.request("POST", path, body=b"{}", headers={"Host": "evil.example", "Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert (response.status, response.getheader("Location")) == (404, None)
+    assert response.getheader("Content-Type") == "application/json"
+    response.read()
+    conn.request("OPTIONS", "/api/dtmf/parse")
+    options = conn.getresponse()
+    assert (options.status, options.getheader("Allow")) == (405, "POST")
+    assert __import__("json").loads(options.read())["status"] == "invalid_request"
+    conn.close()

@@ -2,24 +2,9 @@
 
 import json
 import os
-import subprocess
 import uuid
 
-import pytest
 from dtmf_service.builtin_plugins.file import FileSink
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mount_point = tmp_path / "fs"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def event(size=300):
