@@ -33,7 +33,7 @@ def _seconds(name, default):
 _budget = _seconds("DTMF_CXONE_RETRY_BUDGET_S", 10.0)
 _read = _seconds("DTMF_CXONE_READ_TIMEOUT_S", 15.0)
 timeout = int(_budget + _read + 10)
-# In-flight requests finish, then the audit queues are spooled (worker_exit).
+# In-flight requests finish (their audit events are already in the outbox).
 graceful_timeout = int(_budget + _read + 10)
 keepalive = 75  # longer than nginx's upstream keepalive_timeout (60 s) so nginx closes first
 # One JSON object per line, every field escaped (dtmf_service/accesslog.py); the path only, no query.
@@ -63,6 +63,7 @@ def on_starting(server):
     # Fail fast in the master, with one line, on a bad configuration or an unknown plugin name.
     from dtmf_service import config as cfg
     from dtmf_service.idempotency import Idempotency
+    from dtmf_service.outbox import open_outbox
     from dtmf_service.pluginmanager import check_plugins
 
     probe = {}
@@ -72,15 +73,17 @@ def on_starting(server):
         check_plugins(probe)
         # Prepare the idempotency store once here, so the workers do not all race to create it.
         Idempotency.from_config(probe).close()
+        if probe["AUDIT_SINKS"]:
+            open_outbox(probe, probe["AUDIT_SINKS"]).close()  # the audit outbox too
     except cfg.ConfigError as exc:
         logging.getLogger("gunicorn.error").error("dtmf-gateway: configuration error: %s", exc)
         raise SystemExit(4) from None
 
 
 def post_worker_init(worker):
-    """Start audit delivery now, so a spool left by an earlier process is delivered without waiting."""
+    """Start audit delivery now, so events left by an earlier process are delivered without waiting."""
     gateway = _gateway(worker)
-    if gateway is not None:
+    if gateway is not None and gateway.delivery is not None:
         gateway.delivery.start()
 
 
@@ -96,7 +99,7 @@ def child_exit(server, worker):
 
 
 def worker_exit(server, worker):
-    """Graceful stop (SIGTERM, SIGHUP reload, max_requests): persist undelivered audit events."""
+    """Graceful stop (SIGTERM, SIGHUP reload, max_requests): stop delivering; the outbox keeps the rest."""
     gateway = _gateway(worker)
     if gateway is not None:
         gateway.close(_AUDIT_FLUSH_S)

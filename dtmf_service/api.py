@@ -124,6 +124,7 @@ def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, b
 
 
 def _submit(gw: Gateway, attempt: Attempt, valid: dict[str, Any], started: float) -> Response:
+    gw.intend(attempt, client_ip=request.remote_addr)  # durable before any byte goes to CXone
     result = gw.client.submit(valid["interaction_id"], valid["digits"], valid["timeout_ms"], attempt.event_id)
     attempt.outcome = result.status
     attempt.cxone_status = result.cxone_status

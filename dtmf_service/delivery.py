@@ -1,312 +1,257 @@
-"""Audit delivery, written once for every sink: queue, worker thread, retries, spool.
+"""Audit delivery, written once for every sink: claim from the outbox, deliver, acknowledge.
 
-Per sink: a bounded in-memory queue drained by a background thread that is
-(re)started lazily in each process (gunicorn forks after import). A batch that
-fails is retried with capped exponential backoff and jitter; after the last
-try it goes to the disk spool, the sink is considered down, and new events are
-parked on disk until a probe (the oldest spooled segment) gets through. The
-caller's request only ever does a non-blocking queue put.
+Requests only write the outbox (outbox.py). Here, in every worker process, one thread per sink
+claims batches of events under a lease, hands them to the sink, and acknowledges what went
+through. What failed goes back with capped exponential backoff; a sink that fails a whole batch
+is "down" and probed with one event at a time until it answers. An event the receiver refuses
+for good (DeliveryRejected) is tried AUDIT_RETRY_ATTEMPTS times, then set aside as a dead
+letter, so it never blocks the events behind it. A maintenance thread recovers the placeholders
+of requests whose worker died (audited as ``submission_unknown``) and keeps the outbox under its
+size bound. Any process of the host (or of the fleet, with Redis) can deliver any event.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
+import socket
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from .hookspecs import DeliveryIncomplete
+from .hookspecs import DeliveryIncomplete, DeliveryRejected
 from .metrics import SharedCounters
+from .outbox import Claimed, Outbox
 from .retry import backoff_delay
-from .spool import Spool
 
 log = logging.getLogger("dtmf_service.audit")
 
-_IDLE_WAIT_S = 0.2
-_SPOOL_SCAN_S = 1.0
+_MAINTENANCE_S = 1.0
+_BOUND_EVERY = 5  # maintenance rounds between size checks
 
 
-class SinkWorker:
-    """Delivers events to one sink, at least once."""
+class SinkDelivery:
+    """Delivers one sink's events from the outbox, at least once."""
 
-    def __init__(self, name: str, sink: Any, config: Mapping[str, Any], counters: SharedCounters) -> None:
+    def __init__(
+        self, name: str, sink: Any, outbox: Outbox, config: Mapping[str, Any], counters: SharedCounters
+    ) -> None:
         self.name = name
         self.sink = sink
+        self.outbox = outbox
         self._counters = counters
-        self._queue_size = int(config["AUDIT_QUEUE_SIZE"])
-        self._batch_size = int(config["AUDIT_BATCH_SIZE"])
-        self._linger_s = float(config.get("AUDIT_BATCH_WAIT_S", 0.05))
+        self._batch = int(config["AUDIT_BATCH_SIZE"])
+        self._idle_s = float(config["AUDIT_BATCH_WAIT_S"]) or 0.05
         self._attempts = int(config["AUDIT_RETRY_ATTEMPTS"])
         self._base_s = float(config["AUDIT_BACKOFF_BASE_S"])
         self._max_s = float(config["AUDIT_BACKOFF_MAX_S"])
-        max_bytes = int(float(config["AUDIT_SPOOL_MAX_MB"]) * 1024 * 1024)
-        self.spool = Spool(config["AUDIT_SPOOL_DIR"], name, max_bytes, self._dropped)
-        self._lock = threading.Lock()
-        self._pid: int | None = None
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(self._queue_size)
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._inflight: list[dict[str, Any]] = []
-        self._overflow: list[dict[str, Any]] = []
-        self._overflow_lock = threading.Lock()
-        self._overflow_max = max(self._queue_size, 10000)  # held only until the thread's next step
-        self._down_until = 0.0
+        self._lease_s = float(config["AUDIT_LEASE_S"])
         self._down_level = 0
-        self._next_scan = 0.0
+        self._down_until = 0.0
         self._prefix = f"audit.{name}."
-        counters.declare_gauges([self._prefix + "pending"])
-        counters.declare([self._prefix + "delivered", self._prefix + "failed_attempts", "audit_dropped"])
+        counters.declare([self._prefix + "delivered", self._prefix + "failed_attempts", self._prefix + "dead_letters"])
 
-    # -- request side --------------------------------------------------------------------------
-    def submit(self, event: dict[str, Any]) -> None:
-        """Hand an event over without blocking or touching the disk: a full queue overflows into a
-        list that the delivery thread spools (callers never wait on audit)."""
-        self._ensure_thread()
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            with self._overflow_lock:
-                if len(self._overflow) < self._overflow_max:
-                    self._overflow.append(event)
-                    return
-            self._dropped(1)
-            log.error("audit sink %s: queue and overflow full; an event was dropped", self.name)
-            return
-        self._publish_pending()
-
-    def _spool_overflow(self) -> None:
-        with self._overflow_lock:
-            events, self._overflow = self._overflow, []
-        if events:
-            self._spool(events)
-
-    def _spool(self, events: list[dict[str, Any]]) -> None:
-        """Park events on disk; a disk that refuses (full, read-only) costs them, counted and logged."""
-        try:
-            self.spool.append(events)
-        except OSError as exc:
-            self._dropped(len(events))
-            log.error("audit sink %s: spool not writable (%s): %d events dropped", self.name, exc.strerror, len(events))
-
-    def _ensure_thread(self) -> None:
-        pid = os.getpid()
-        if self._pid == pid and self._thread is not None and self._thread.is_alive():
-            return
-        with self._lock:
-            if self._pid == pid and self._thread is not None and self._thread.is_alive():
-                return
-            if self._pid != pid:
-                # After fork: the parent's queue and thread do not exist here.
-                self._queue = queue.Queue(self._queue_size)
-                self._inflight = []
-                self._overflow = []
-                self._stop = threading.Event()
-            self._pid = pid
-            self._thread = threading.Thread(target=self._run, name=f"audit-{self.name}", daemon=True)
-            self._thread.start()
-
-    # -- worker thread -------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._step()
-            except Exception as exc:  # noqa: BLE001 - the thread must survive anything a sink does
-                log.error("audit sink %s: delivery loop error: %s", self.name, type(exc).__name__)
-                self._stop.wait(_IDLE_WAIT_S)
-        self._park_everything()
-
-    def _step(self) -> None:
-        self._spool_overflow()
-        batch = self._take(_IDLE_WAIT_S)
+    def step(self, consumer: str) -> bool:
+        """One claim-deliver-acknowledge round; False when there was nothing to do now."""
         now = time.monotonic()
-        if batch:
-            self._inflight = batch
-            if now < self._down_until:
-                self._spool(batch)  # sink is down: park on disk, do not hold memory
+        if now < self._down_until:
+            return False
+        probing = self._down_level > 0
+        claimed = self.outbox.claim(self.name, consumer, 1 if probing else self._batch, self._lease_s)
+        if not claimed:
+            return False
+        delivered, failed, rejected, error = self._attempt(claimed)
+        if delivered:
+            self.outbox.ack(self.name, [c.ref for c in delivered])
+            self._counters.inc(self._prefix + "delivered", len(delivered))
+        for item in rejected:
+            if item.attempts >= self._attempts:
+                self.outbox.dead_letter(self.name, item, f"refused by the receiver ({type(error).__name__})")
+                self._counters.inc(self._prefix + "dead_letters")
+                log.error("audit sink %s: event %s refused %d times: set aside as a dead letter",
+                          self.name, item.event.get("event_id"), item.attempts)  # fmt: skip
             else:
-                self._deliver_or_spool(batch, tries=self._attempts)
-            self._inflight = []
-            self._publish_pending()
-        if now >= self._next_scan and now >= self._down_until:
-            self._next_scan = now + _SPOOL_SCAN_S
-            self._drain_spool()
+                self.outbox.retry(self.name, [item.ref], self._backoff(item.attempts - 1))
+        if failed:
+            self._counters.inc(self._prefix + "failed_attempts")
+            if delivered or rejected:
+                delay = self._backoff(min(c.attempts for c in failed) - 1)  # the sink is up: only these wait
+            else:
+                delay = self._mark_down(error)
+            self.outbox.retry(self.name, [c.ref for c in failed], delay)
+        elif delivered:
+            self._down_level = 0
+        return True
 
-    def _take(self, wait_s: float) -> list[dict[str, Any]]:
-        try:
-            first = self._queue.get(timeout=wait_s)
-        except queue.Empty:
-            return []
-        self._inflight = [first]  # taken off the queue: still pending for flush() and shutdown
-        if self._linger_s and self._queue.qsize() < self._batch_size - 1:
-            # Let a batch gather: one wake-up and one write (or fsync) per batch, not per event.
-            self._stop.wait(self._linger_s)
-        batch = [first]
-        while len(batch) < self._batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
-
-    def _deliver_or_spool(self, batch: list[dict[str, Any]], tries: int) -> bool:
-        remaining = batch
-        for attempt in range(tries):
-            remaining = self._deliver(remaining)
-            if not remaining:
-                self._down_level = 0
-                return True
-            if attempt + 1 < tries and self._stop.wait(backoff_delay(attempt, self._base_s, self._max_s)):
-                break  # shutting down: park what is left
-        self._spool(remaining)
-        self._mark_down()
-        return False
-
-    def _deliver(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Try each event once; return those not delivered."""
+    def _attempt(self, claimed: list[Claimed]) -> tuple[list[Claimed], list[Claimed], list[Claimed], Any]:
+        """Hand the batch to the sink: (delivered, failed for now, refused for good, the first error)."""
+        events = [c.event for c in claimed]
         many = getattr(self.sink, "deliver_many", None)
-        done = 0
-        left: list[dict[str, Any]] = []
-        try:
-            if many is not None:
+        if many is not None:
+            try:
                 many(events)
-                done = len(events)
-            else:
-                for event in events:
-                    self.sink.deliver(event)
-                    done += 1
-        except DeliveryIncomplete as exc:
-            # Only the failed ones go round again: re-sending the delivered ones would make duplicates.
-            left = list(exc.undelivered)
-            done = max(0, len(events) - len(left))
-            self._failed(exc.__cause__ or exc)
-        except Exception as exc:  # noqa: BLE001 - any failure means "not delivered, keep it"
-            left = events[done:]
-            self._failed(exc)
-        if done:
-            self._counters.inc(self._prefix + "delivered", done)
-        return left
+                return claimed, [], [], None
+            except DeliveryIncomplete as exc:
+                left = {e.get("event_id") for e in exc.undelivered}
+                refused = {e.get("event_id") for e in exc.rejected}
+                error = exc.__cause__ or exc
+                self._log_failure(error)
+                delivered = [c for c in claimed if c.event.get("event_id") not in left]
+                rejected = [c for c in claimed if c.event.get("event_id") in refused]
+                failed = [c for c in claimed if c.event.get("event_id") in left - refused]
+                return delivered, failed, rejected, error
+            except DeliveryRejected as exc:
+                self._log_failure(exc)
+                return [], [], claimed, exc
+            except Exception as exc:  # noqa: BLE001 - any failure means "not delivered, keep it"
+                self._log_failure(exc)
+                return [], claimed, [], exc
+        delivered, rejected = [], []
+        error: Any = None
+        for index, item in enumerate(claimed):
+            try:
+                self.sink.deliver(item.event)
+                delivered.append(item)
+            except DeliveryRejected as exc:
+                self._log_failure(exc)
+                rejected.append(item)
+                error = exc
+            except Exception as exc:  # noqa: BLE001
+                self._log_failure(exc)
+                return delivered, claimed[index:], rejected, exc
+        return delivered, [], rejected, error
 
-    def _failed(self, exc: BaseException) -> None:
-        self._counters.inc(self._prefix + "failed_attempts")
-        log.warning("audit sink %s: delivery failed (%s)", self.name, type(exc).__name__)
+    def _backoff(self, retry_number: int) -> float:
+        return backoff_delay(max(retry_number, 0), self._base_s, self._max_s, rand=lambda: 0.5 + random.random() / 2)
 
-    def _mark_down(self) -> None:
-        delay = backoff_delay(self._down_level, self._base_s, self._max_s, rand=lambda: 0.5 + random.random() / 2)
+    def _mark_down(self, error: Any) -> float:
+        delay = self._backoff(self._down_level)
         self._down_level += 1
         self._down_until = time.monotonic() + delay
-        log.warning("audit sink %s: unavailable, events spooled; next try in %.1fs", self.name, delay)
+        log.warning("audit sink %s: unavailable (%s); next try in %.1fs", self.name, type(error).__name__, delay)
+        return delay
 
-    def _drain_spool(self) -> None:
-        for segment in self.spool.segments():
-            if self._stop.is_set():
-                return
-            with self.spool.claim(segment) as events:
-                if events is None:
-                    continue
-                rest = events
-                for start in range(0, len(events), self._batch_size):
-                    chunk = events[start : start + self._batch_size]
-                    left = self._deliver(chunk)
-                    if left:
-                        rest = left + events[start + self._batch_size :]
-                        break
-                else:
-                    rest = []
-                self.spool.consume(segment, rest)
-            if rest:
-                self._mark_down()
-                return
-            self._down_level = 0
-
-    def _park_everything(self) -> None:
-        self._spool_overflow()
-        leftovers = list(self._inflight)
-        while True:
-            try:
-                leftovers.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        if leftovers:
-            self._spool(leftovers)
-        self._inflight = []
-        self._publish_pending()
-
-    # -- lifecycle and figures -----------------------------------------------------------------
-    def close(self, timeout_s: float) -> None:
-        """Stop the thread; what is not delivered by then is spooled."""
-        self._stop.set()
-        thread = self._thread
-        if thread is not None and self._pid == os.getpid():
-            thread.join(timeout_s)
-            if thread.is_alive():
-                # Stuck in a slow sink: spool its batch too (a duplicate beats a loss).
-                self._park_everything()
-        else:
-            self._park_everything()
-        closer = getattr(self.sink, "close", None)
-        if closer is not None:
-            try:
-                closer()
-            except Exception as exc:  # noqa: BLE001
-                log.error("audit sink %s failed to close: %s", self.name, type(exc).__name__)
-
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until this process's queue is empty (tests and benchmarks)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._queue.empty() and not self._inflight and not self._overflow:
-                return True
-            time.sleep(0.01)
-        return False
-
-    def _publish_pending(self) -> None:
-        pending = self._queue.qsize() + len(self._inflight) + len(self._overflow)
-        self._counters.set(self._prefix + "pending", pending)
-
-    def _dropped(self, count: int) -> None:
-        self._counters.inc("audit_dropped", count)
+    def _log_failure(self, exc: BaseException) -> None:
+        log.warning("audit sink %s: delivery failed (%s)", self.name, type(exc).__name__)
 
 
 class DeliveryEngine:
-    """One SinkWorker per enabled sink; one sink's trouble never touches another's."""
+    """The delivery threads of this process: one per sink, plus maintenance; restarted after fork."""
 
-    def __init__(self, sinks: Mapping[str, Any], config: Mapping[str, Any], counters: SharedCounters) -> None:
-        self.workers = {name: SinkWorker(name, sink, config, counters) for name, sink in sinks.items()}
+    def __init__(
+        self, sinks: Mapping[str, Any], outbox: Outbox, config: Mapping[str, Any], counters: SharedCounters
+    ) -> None:
+        self.sinks = dict(sinks)
+        self.outbox = outbox
+        self.deliveries = {name: SinkDelivery(name, sink, outbox, config, counters) for name, sink in sinks.items()}
+        self._idle_s = float(config["AUDIT_BATCH_WAIT_S"]) or 0.05
+        self._counters = counters
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        counters.declare(["audit_dropped"])
+
+    @property
+    def consumer(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
 
     def start(self) -> None:
-        """Start the threads now (a process that finds a spool delivers it without waiting for traffic)."""
-        for worker in self.workers.values():
-            worker._ensure_thread()
+        """Start this process's threads (idempotent; a forked child starts its own)."""
+        if self._pid == os.getpid() or not self.deliveries:
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._stop = threading.Event()
+            self._wake = threading.Event()
+            self._threads = [
+                threading.Thread(target=self._run, args=(d,), name=f"audit-{d.name}", daemon=True)
+                for d in self.deliveries.values()
+            ]
+            self._threads.append(threading.Thread(target=self._maintain, name="audit-maintenance", daemon=True))
+            for thread in self._threads:
+                thread.start()
 
-    def submit(self, event: dict[str, Any]) -> None:
-        for worker in self.workers.values():
+    def notify(self) -> None:
+        """An event was committed here: wake this process's delivery threads now."""
+        self._wake.set()
+
+    def _run(self, delivery: SinkDelivery) -> None:
+        consumer = self.consumer
+        while not self._stop.is_set():
             try:
-                worker.submit(event)
-            except Exception as exc:  # noqa: BLE001 - never fail the caller's request over audit
-                log.error("audit sink %s: could not accept event: %s", worker.name, type(exc).__name__)
+                busy = delivery.step(consumer)
+            except Exception as exc:  # noqa: BLE001 - the thread must survive the outbox and the sink
+                log.error("audit sink %s: delivery loop error: %s", delivery.name, type(exc).__name__)
+                busy = False
+                self._stop.wait(1.0)
+            if not busy:
+                # Let a batch gather: one claim, one sink call and one acknowledgement per batch.
+                self._wake.wait(self._idle_s)
+                self._wake.clear()
+                self._stop.wait(self._idle_s)
 
-    def close(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        for worker in self.workers.values():
-            worker._stop.set()
-        for worker in self.workers.values():
-            worker.close(max(0.1, deadline - time.monotonic()))
+    def _maintain(self) -> None:
+        rounds = 0
+        while not self._stop.wait(_MAINTENANCE_S):
+            try:
+                recovered = self.outbox.recover()
+                if recovered:
+                    log.warning("audit: %d request(s) whose worker died were audited as submission_unknown",
+                                recovered)  # fmt: skip
+                rounds += 1
+                if rounds % _BOUND_EVERY == 0:
+                    for sink, count in self.outbox.enforce_bound().items():
+                        self._counters.inc("audit_dropped", count)
+                        log.error("audit outbox full (AUDIT_SPOOL_MAX_MB): dropped the %d oldest events of sink %s",
+                                  count, sink)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001
+                log.error("audit: outbox maintenance failed: %s", type(exc).__name__)
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop the threads; what they hold is given back to the outbox by its lease."""
+        self._stop.set()
+        self._wake.set()
+        if self._pid == os.getpid():
+            deadline = time.monotonic() + timeout_s
+            for thread in self._threads:
+                thread.join(max(0.05, deadline - time.monotonic()))
+        for name, sink in self.sinks.items():
+            closer = getattr(sink, "close", None)
+            if closer is not None:
+                try:
+                    closer()
+                except Exception as exc:  # noqa: BLE001
+                    log.error("audit sink %s failed to close: %s", name, type(exc).__name__)
 
     def flush(self, timeout_s: float) -> bool:
-        return all(w.flush(timeout_s) for w in self.workers.values())
+        """Wait until no event is pending for any sink (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(b.pending == 0 for b in self.outbox.backlog().values()):
+                return True
+            time.sleep(0.02)
+        return False
 
     def metrics(self, totals: Mapping[str, float]) -> dict[str, Any]:
+        """Host-wide figures: the backlog from the outbox, the counts from the shared counters."""
+        backlog = self.outbox.backlog()
         sinks = {}
-        for name, worker in self.workers.items():
+        for name in self.deliveries:
+            found = backlog.get(name)
             prefix = f"audit.{name}."
             sinks[name] = {
-                "audit_pending": int(totals.get(prefix + "pending", 0)) + worker.spool.pending(),
+                "audit_pending": found.pending if found else 0,
+                "audit_oldest_pending_s": found.oldest_pending_s if found else None,
                 "audit_delivered": int(totals.get(prefix + "delivered", 0)),
                 "audit_failed_attempts": int(totals.get(prefix + "failed_attempts", 0)),
+                "audit_dead_letters": found.dead_letters if found else 0,
+                "audit_dropped": found.dropped if found else 0,
             }
         return {
             "audit_pending": sum(s["audit_pending"] for s in sinks.values()),

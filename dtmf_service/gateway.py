@@ -19,6 +19,7 @@ from .dialects import make_dialect
 from .errors import error_response
 from .events import Redactor, build_event
 from .idempotency import Idempotency
+from .outbox import open_outbox
 from .pluginmanager import build_plugin_manager, plugin_config_keys, resolve
 from .simulator import Simulator
 from .transport import HttpTransport, SimulatorTransport, Transport
@@ -62,8 +63,13 @@ class Gateway:
         reject_unknown(config, plugin_config_keys(self.plugins))
         self.exporters = resolve(self.plugins, "exporter", config["METRICS_EXPORTERS"], config)
         sinks = resolve(self.plugins, "sink", config["AUDIT_SINKS"], config)
-        self.delivery = DeliveryEngine(sinks, config, self.counters)
-        self.counters.declare(["idempotency_store_errors"])
+        # No sink, no outbox: with audit off a request writes nothing at all.
+        self.outbox = open_outbox(config, sinks) if sinks else None
+        self.delivery = DeliveryEngine(sinks, self.outbox, config, self.counters) if self.outbox else None
+        self._intent_lease_s = float(config["CXONE_RETRY_BUDGET_S"]) + float(config["CXONE_READ_TIMEOUT_S"]) + 30.0
+        if config.get("AUDIT_QUEUE_SIZE") is not None:
+            log.warning("AUDIT_QUEUE_SIZE is deprecated and ignored: events go straight to the outbox")
+        self.counters.declare(["idempotency_store_errors", "audit_dropped", "audit_outbox_errors"])
         self.idempotency = Idempotency.from_config(
             config, on_store_error=lambda: self.counters.inc("idempotency_store_errors")
         )
@@ -94,9 +100,8 @@ class Gateway:
         )
 
     # -- audit and metrics ---------------------------------------------------------------------
-    def record(self, attempt: Attempt, client_ip: str | None, latency_ms: float) -> dict[str, Any]:
-        """Build the audit event once, hand it to every exporter and sink, each isolated."""
-        event = build_event(
+    def _event(self, attempt: Attempt, client_ip: str | None, latency_ms: float | None, outcome: str) -> dict:
+        return build_event(
             client_ip=client_ip,
             sent=attempt.sent,
             valid=attempt.valid,
@@ -104,17 +109,40 @@ class Gateway:
             latency_ms=latency_ms,
             cxone_status=attempt.cxone_status,
             cxone_response=attempt.cxone_response,
-            outcome=attempt.outcome or "internal_error",
+            outcome=outcome,
             redactor=self.redactor,
             request_id=g.get("request_id"),
             event_id=attempt.event_id,
         )
+
+    def intend(self, attempt: Attempt, client_ip: str | None) -> None:
+        """Before the DTMF POST: a durable placeholder, so that a worker killed before answering still
+        leaves an audit event (``submission_unknown``) behind (CONTRACT.md section 7)."""
+        if self.outbox is None:
+            return
+        try:
+            self.outbox.intend(self._event(attempt, client_ip, None, "submission_unknown"), self._intent_lease_s)
+        except Exception as exc:  # noqa: BLE001 - audit trouble never stops the caller's request
+            self.counters.inc("audit_outbox_errors")
+            log.error("audit outbox: could not write a request's placeholder (%s)", type(exc).__name__)
+
+    def record(self, attempt: Attempt, client_ip: str | None, latency_ms: float) -> dict[str, Any]:
+        """Build the audit event once, hand it to every exporter, make it durable in the outbox."""
+        event = self._event(attempt, client_ip, latency_ms, attempt.outcome or "internal_error")
         for name, exporter in self.exporters.items():
             try:
                 exporter.record(event)
             except Exception as exc:  # noqa: BLE001 - one exporter failing never stops another
                 log.error("metrics exporter %r failed: %s", name, type(exc).__name__)
-        self.delivery.submit(event)
+        if self.outbox is not None and self.delivery is not None:
+            try:
+                self.outbox.commit(event)  # durable before the response leaves this worker
+            except Exception as exc:  # noqa: BLE001 - the caller still gets the answer; the loss is counted
+                self.counters.add_many({"audit_dropped": 1.0, "audit_outbox_errors": 1.0})
+                log.error("audit outbox: could not write an event (%s); it is lost", type(exc).__name__)
+            else:
+                self.delivery.start()
+                self.delivery.notify()
         return event
 
     def metrics_snapshot(self) -> dict[str, Any] | None:
@@ -133,8 +161,14 @@ class Gateway:
             "average_latency_ms": round(totals.get("latency_ms_sum", 0.0) / ok, 3) if ok else None,
             "accuracy_rate": ok / total if total else None,
         }
-        snapshot.update(self.delivery.metrics(totals))
+        if self.delivery is not None:
+            snapshot.update(self.delivery.metrics(totals))
+        else:
+            snapshot.update(
+                {"audit_pending": 0, "audit_dropped": int(totals.get("audit_dropped", 0)), "audit_sinks": {}}
+            )
         snapshot["idempotency_store_errors"] = int(totals.get("idempotency_store_errors", 0))
+        snapshot["audit_outbox_errors"] = int(totals.get("audit_outbox_errors", 0))
         return snapshot
 
     def openapi_document(self) -> dict[str, Any]:
@@ -145,11 +179,14 @@ class Gateway:
         return self._openapi
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Flush audit delivery (spooling what cannot be sent) and close plugins; once."""
+        """Stop audit delivery (every event is already in the outbox) and close plugins; once."""
         if self._closed:
             return
         self._closed = True
-        self.delivery.close(timeout_s)
+        if self.delivery is not None:
+            self.delivery.stop(timeout_s)
+        if self.outbox is not None:
+            self.outbox.close()
         for name, exporter in self.exporters.items():
             closer = getattr(exporter, "close", None)
             if closer is not None:

@@ -20,13 +20,22 @@ class DeliveryIncomplete(Exception):  # noqa: N818 - a plugin-facing name, read 
     """Raised by a sink's ``deliver_many(events)`` when only some events were delivered.
 
     ``undelivered`` lists the events to try again; the rest count as delivered and are not sent
-    again. Raise it ``from`` the first underlying error so the log names the cause. Any other
-    exception from ``deliver_many`` means that none of the batch counts as delivered.
+    again. ``rejected`` (a subset of ``undelivered``) lists those the receiver refused for good:
+    after AUDIT_RETRY_ATTEMPTS tries they become dead letters instead of being tried for ever.
+    Raise it ``from`` the first underlying error so the log names the cause. Any other exception
+    from ``deliver_many`` means that none of the batch counts as delivered.
     """
 
-    def __init__(self, undelivered: list[dict[str, Any]]) -> None:
+    def __init__(self, undelivered: list[dict[str, Any]], rejected: list[dict[str, Any]] | None = None) -> None:
         super().__init__(f"{len(undelivered)} event(s) not delivered")
         self.undelivered = undelivered
+        self.rejected = rejected or []
+
+
+class DeliveryRejected(Exception):  # noqa: N818 - a plugin-facing name: "the delivery was rejected"
+    """Raised by a sink's ``deliver(event)`` when the receiver refuses the event for good (the
+    webhook: a 4xx other than 408, 425 and 429). After AUDIT_RETRY_ATTEMPTS tries the core sets it
+    aside as a dead letter (CONTRACT.md section 7), so it never blocks the events behind it."""
 
 
 @hookspec(firstresult=True)

@@ -139,11 +139,17 @@ class MetricsSchema(Schema):
     idempotency_store_errors = fields.Integer(
         required=True, metadata={"description": "store writes that failed after CXone answered (retried)"}
     )
+    audit_outbox_errors = fields.Integer(
+        required=True, metadata={"description": "audit events or placeholders the outbox could not store"}
+    )
     audit_sinks = fields.Dict(
         keys=fields.String(),
-        values=fields.Dict(keys=fields.String(), values=fields.Integer()),
+        values=fields.Dict(keys=fields.String(), values=fields.Raw()),
         required=True,
-        metadata={"description": "per sink: audit_pending, audit_delivered, audit_failed_attempts"},
+        metadata={
+            "description": "per sink: audit_pending, audit_oldest_pending_s, audit_delivered, "
+            "audit_failed_attempts, audit_dead_letters, audit_dropped"
+        },
     )
 
 

@@ -1,4 +1,12 @@
-"""Audit sink ``webhook``: one POST per event to AUDIT_WEBHOOK_URL, optionally signed."""
+"""Audit sink ``webhook``: events POSTed to AUDIT_WEBHOOK_URL, optionally signed.
+
+One event per POST as ``application/json`` (the default), or with AUDIT_WEBHOOK_BATCH_MAX above 1
+up to that many per POST as ``application/x-ndjson``, one event per line, signed over the whole
+body (CONTRACT.md section 7, *rev 2*). A 2xx delivers; a 4xx other than 408, 425 and 429 is a
+refusal for good (the core makes it a dead letter after its attempts); anything else is a failure
+to try again. When a batch is refused, its events are sent one by one to find which the receiver
+refuses, so one bad event never takes its batch with it.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +21,10 @@ from typing import Any
 
 import urllib3
 
-from dtmf_service import DeliveryIncomplete, hookimpl
+from dtmf_service import DeliveryIncomplete, DeliveryRejected, hookimpl
 from dtmf_service.config import ConfigError
+
+_TRY_AGAIN = frozenset({408, 425, 429})
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -23,49 +33,81 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac}"
 
 
+def _refused(status: int) -> bool:
+    return 400 <= status < 500 and status not in _TRY_AGAIN
+
+
 class WebhookSink:
-    """Any answer but 2xx, and any transport error, is a failure: the core keeps the event.
+    """urllib3's keep-alive pool directly (requests' own transport), one pool for every thread."""
 
-    urllib3's keep-alive pool directly (requests' own transport): a POST per event at full load
-    makes requests' per-call machinery the largest cost of auditing.
-    """
-
-    def __init__(self, url: str, timeout_s: float, secret: str | None, concurrency: int = 8) -> None:
+    def __init__(
+        self, url: str, timeout_s: float, secret: str | None, concurrency: int = 8, batch_max: int = 1
+    ) -> None:
         self.url = url
         self.secret = secret
         self.concurrency = concurrency
+        self.batch_max = batch_max
         self._pool = urllib3.PoolManager(maxsize=concurrency, retries=False, timeout=urllib3.Timeout(total=timeout_s))
         self._executor: ThreadPoolExecutor | None = None
         self._pid: int | None = None
 
-    def deliver(self, event: dict[str, Any]) -> None:
-        body = json.dumps(event, separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json", "User-Agent": "dtmf-gateway-audit"}
+    def _post(self, body: bytes, content_type: str) -> int:
+        headers = {"Content-Type": content_type, "User-Agent": "dtmf-gateway-audit"}
         if self.secret:
             headers["X-DTMF-Signature"] = signature(self.secret, int(time.time()), body)
-        response = self._pool.urlopen("POST", self.url, body=body, headers=headers, retries=False, redirect=False)
-        if not 200 <= response.status < 300:
-            raise RuntimeError(f"webhook answered {response.status}")
+        return self._pool.urlopen("POST", self.url, body=body, headers=headers, retries=False, redirect=False).status
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        status = self._post(json.dumps(event, separators=(",", ":")).encode(), "application/json")
+        if _refused(status):
+            raise DeliveryRejected(f"webhook refused the event ({status})")
+        if not 200 <= status < 300:
+            raise RuntimeError(f"webhook answered {status}")
+
+    def _deliver_chunk(self, chunk: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(undelivered, refused for good) of one POST's worth of events."""
+        if len(chunk) == 1:
+            try:
+                self.deliver(chunk[0])
+            except DeliveryRejected:
+                return chunk, chunk
+            except Exception:  # noqa: BLE001 - reported to the core as undelivered
+                return chunk, []
+            return [], []
+        body = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in chunk).encode()
+        try:
+            status = self._post(body, "application/x-ndjson")
+        except Exception:  # noqa: BLE001
+            return chunk, []
+        if 200 <= status < 300:
+            return [], []
+        if not _refused(status):
+            return chunk, []
+        undelivered, refused = [], []
+        for event in chunk:  # find the event(s) the receiver will not take
+            left, bad = self._deliver_chunk([event])
+            undelivered += left
+            refused += bad
+        return undelivered, refused
 
     def deliver_many(self, events: list[dict[str, Any]]) -> None:
-        """One POST per event, up to ``concurrency`` at once: a receiver answering in 50 ms still
-        takes 160 events/s from each worker instead of 20. The events that failed are reported with
-        DeliveryIncomplete, so the core sends again only those."""
-        if len(events) == 1 or self.concurrency == 1:
-            for done, event in enumerate(events):
-                try:
-                    self.deliver(event)
-                except Exception as exc:
-                    raise DeliveryIncomplete(events[done:]) from exc
-            return
-        if self._executor is None or self._pid != os.getpid():
-            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="audit-webhook")
-            self._pid = os.getpid()
-        futures = [self._executor.submit(self.deliver, event) for event in events]
-        failed = [(event, future.exception()) for event, future in zip(events, futures, strict=True)]
-        failed = [(event, error) for event, error in failed if error is not None]
-        if failed:
-            raise DeliveryIncomplete([event for event, _ in failed]) from failed[0][1]
+        """Up to ``batch_max`` events per POST, up to ``concurrency`` POSTs at once. The events that
+        were not delivered are reported with DeliveryIncomplete, so the core sends again only those."""
+        size = self.batch_max
+        chunks = [events[i : i + size] for i in range(0, len(events), size)]
+        if len(chunks) == 1 or self.concurrency == 1:
+            results = [self._deliver_chunk(chunk) for chunk in chunks]
+        else:
+            if self._executor is None or self._pid != os.getpid():
+                self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="audit-webhook")
+                self._pid = os.getpid()
+            results = list(self._executor.map(self._deliver_chunk, chunks))
+        undelivered = [e for left, _ in results for e in left]
+        refused = [e for _, bad in results for e in bad]
+        if undelivered:
+            raise DeliveryIncomplete(undelivered, refused) from RuntimeError(
+                f"webhook: {len(undelivered)} of {len(events)} events not delivered"
+            )
 
     def close(self) -> None:
         if self._executor is not None and self._pid == os.getpid():
@@ -85,4 +127,5 @@ def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> WebhookSink | None:
         float(config["AUDIT_WEBHOOK_TIMEOUT_S"]),
         config.get("AUDIT_WEBHOOK_SECRET"),
         int(config.get("AUDIT_WEBHOOK_CONCURRENCY", 8)),
+        int(config.get("AUDIT_WEBHOOK_BATCH_MAX", 1)),
     )

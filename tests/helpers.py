@@ -137,6 +137,8 @@ class WebhookReceiver:
         self.bodies: list[bytes] = []
         self.status = 200
         self.refuse_ids: set[str] = set()  # events answered 500 whatever ``status`` says
+        self.reject_ids: set[str] = set()  # events answered 400 (refused for good: dead letters)
+        self.posts = 0
         self.delay_s = 0.0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -152,11 +154,19 @@ class WebhookReceiver:
                 if receiver.delay_s:
                     time.sleep(receiver.delay_s)
                 status = receiver.status
-                if receiver.refuse_ids and json.loads(body).get("event_id") in receiver.refuse_ids:
+                if self.headers.get("Content-Type") == "application/x-ndjson":
+                    events = [json.loads(line) for line in body.decode().splitlines()]
+                else:
+                    events = [json.loads(body)]
+                ids = {e.get("event_id") for e in events}
+                if ids & receiver.refuse_ids:
                     status = 500
-                if 200 <= status < 300:
-                    with receiver._lock:
-                        receiver.events.append(json.loads(body))
+                if ids & receiver.reject_ids:
+                    status = 400
+                with receiver._lock:
+                    receiver.posts += 1
+                    if 200 <= status < 300:
+                        receiver.events.extend(events)
                         receiver.bodies.append(body)
                         receiver.headers.append(dict(self.headers.items()))
                 self.send_response(status)
