@@ -239,14 +239,19 @@ class DeliveryEngine:
         return False
 
     def metrics(self, totals: Mapping[str, float]) -> dict[str, Any]:
-        """Host-wide figures: the backlog from the outbox, the counts from the shared counters."""
-        backlog = self.outbox.backlog()
+        """Host-wide figures: the backlog from the outbox, the counts from the shared counters.
+        An outbox that cannot be read (disk gone read-only, Redis down) gives null backlog figures."""
+        try:
+            backlog: Mapping[str, Any] | None = self.outbox.backlog()
+        except Exception as exc:  # noqa: BLE001 - metrics must answer while the outbox is in trouble
+            log.error("audit outbox: cannot read the backlog (%s)", type(exc).__name__)
+            backlog = None
         sinks = {}
         for name in self.deliveries:
-            found = backlog.get(name)
+            found = backlog.get(name) if backlog is not None else None
             prefix = f"audit.{name}."
             sinks[name] = {
-                "audit_pending": found.pending if found else 0,
+                "audit_pending": (found.pending if found else 0) if backlog is not None else None,
                 "audit_oldest_pending_s": found.oldest_pending_s if found else None,
                 "audit_delivered": int(totals.get(prefix + "delivered", 0)),
                 "audit_failed_attempts": int(totals.get(prefix + "failed_attempts", 0)),
@@ -254,7 +259,7 @@ class DeliveryEngine:
                 "audit_dropped": found.dropped if found else 0,
             }
         return {
-            "audit_pending": sum(s["audit_pending"] for s in sinks.values()),
+            "audit_pending": sum(s["audit_pending"] for s in sinks.values()) if backlog is not None else None,
             "audit_dropped": int(totals.get("audit_dropped", 0)),
             "audit_sinks": sinks,
         }

@@ -134,7 +134,9 @@ class MetricsSchema(Schema):
     submission_failures = fields.Integer(required=True)
     average_latency_ms = fields.Float(required=True, allow_none=True)
     accuracy_rate = fields.Float(required=True, allow_none=True)
-    audit_pending = fields.Integer(required=True, metadata={"description": "events not yet delivered, all sinks"})
+    audit_pending = fields.Integer(
+        required=True, allow_none=True, metadata={"description": "events not yet delivered, all sinks (host-wide)"}
+    )
     audit_dropped = fields.Integer(required=True, metadata={"description": "events dropped by a full spool"})
     idempotency_store_errors = fields.Integer(
         required=True, metadata={"description": "store writes that failed after CXone answered (retried)"}

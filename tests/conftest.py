@@ -102,16 +102,29 @@ def closed_port():
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    """A real 64 KiB tmpfs, to fill up (needs root, as CI and this project's machines have)."""
+def tmpfs(tmp_path):
+    """Mounts real tmpfs file systems of a given size, to fill up (needs root, as CI and this project's
+    machines have); unmounted afterwards."""
     import subprocess
 
-    mount_point = tmp_path / "fs"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    mounted = []
+
+    def mount(size: str):
+        mount_point = tmp_path / f"fs{len(mounted)}"
+        mount_point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in mounted:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmpfs):
+    return tmpfs("64k")

@@ -138,6 +138,7 @@ class WebhookReceiver:
         self.status = 200
         self.refuse_ids: set[str] = set()  # events answered 500 whatever ``status`` says
         self.reject_ids: set[str] = set()  # events answered 400 (refused for good: dead letters)
+        self.reject_if: Callable[[dict[str, Any]], bool] | None = None  # likewise, by content
         self.posts = 0
         self.delay_s = 0.0
         self._lock = threading.Lock()
@@ -161,7 +162,7 @@ class WebhookReceiver:
                 ids = {e.get("event_id") for e in events}
                 if ids & receiver.refuse_ids:
                     status = 500
-                if ids & receiver.reject_ids:
+                if ids & receiver.reject_ids or (receiver.reject_if and any(map(receiver.reject_if, events))):
                     status = 400
                 with receiver._lock:
                     receiver.posts += 1

@@ -205,3 +205,31 @@ def test_unauthenticated_requests_are_neither_counted_nor_audited(
     time.sleep(0.3)
     assert len(file_ids(tmp_path)) == 1
     assert requests.get(f"{gateway.url}/api/metrics", timeout=5).json()["total_submissions"] == 1
+
+
+def test_a_refused_event_becomes_a_dead_letter_and_never_blocks_the_batch(
+    tmp_path, sim_url, gateway_env, start_gunicorn, webhook, udp_servers
+):
+    syslog, statsd = udp_servers
+    webhook.reject_if = lambda event: event.get("interaction_id") == "poison-1"
+    env = {
+        **gateway_env,
+        **dialect_env("tutorial", sim_url),
+        **sinks_env(tmp_path, webhook, syslog.port, statsd.port),
+        "DTMF_AUDIT_SINKS": "webhook",
+        "DTMF_AUDIT_WEBHOOK_BATCH_MAX": "20",
+        "DTMF_AUDIT_RETRY_ATTEMPTS": "2",
+        "DTMF_METRICS_PUBLIC": "true",
+    }
+    gateway = start_gunicorn(env, workers=2)
+    assert post(gateway.url, {**VALID, "interaction_id": "poison-1"}).status_code == 200
+    assert send_many(gateway.url, [VALID] * 30) == [200] * 30
+    wait_until(lambda: len(webhook.events) == 30, timeout=20)  # the rest went through, batched
+    assert all(e["interaction_id"] == "call-1" for e in webhook.events)
+    assert any(h.get("Content-Type") == "application/x-ndjson" for h in webhook.headers)
+
+    def dead_lettered():
+        figures = requests.get(f"{gateway.url}/api/metrics", timeout=5).json()["audit_sinks"]["webhook"]
+        return figures["audit_dead_letters"] == 1 and figures["audit_pending"] == 0
+
+    wait_until(dead_lettered, timeout=20)

@@ -261,3 +261,37 @@ def test_webhook_batch_reports_exactly_the_events_that_failed(receiver, concurre
     assert accepted | undelivered == {e["event_id"] for e in events}
     if concurrency > 1:
         assert undelivered == receiver.refuse_ids  # in parallel, only the refused ones are left
+
+
+def test_webhook_batches_are_ndjson_signed_over_the_whole_body(receiver):
+    sink = WebhookSink(receiver.url, 5.0, "s3cret", concurrency=2, batch_max=10)
+    events = [make_event() for _ in range(25)]
+    sink.deliver_many(events)
+    assert [e["event_id"] for e in receiver.events] == [e["event_id"] for e in events]
+    assert receiver.posts == 3  # 10 + 10 + 5
+    for body, headers in zip(receiver.bodies, receiver.headers, strict=True):
+        assert headers["Content-Type"] == "application/x-ndjson"
+        timestamp = headers["X-DTMF-Signature"].split(",")[0][2:]
+        assert headers["X-DTMF-Signature"] == signature("s3cret", int(timestamp), body)
+        assert all(json.loads(line) for line in body.decode().splitlines())
+    sink.close()
+
+
+def test_webhook_refusal_isolates_the_bad_event_and_reports_it_rejected(receiver):
+    sink = WebhookSink(receiver.url, 5.0, None, concurrency=1, batch_max=10)
+    events = [make_event() for _ in range(5)]
+    receiver.reject_ids = {events[2]["event_id"]}
+    with pytest.raises(DeliveryIncomplete) as caught:
+        sink.deliver_many(events)
+    assert [e["event_id"] for e in caught.value.undelivered] == [events[2]["event_id"]]
+    assert [e["event_id"] for e in caught.value.rejected] == [events[2]["event_id"]]
+    assert len(receiver.events) == 4  # the others went one by one once the batch was refused
+
+
+@pytest.mark.parametrize(("status", "rejected"), [(400, True), (404, True), (408, False), (429, False), (503, False)])
+def test_webhook_refusal_for_good_is_a_4xx_other_than_408_425_429(receiver, status, rejected):
+    from dtmf_service import DeliveryRejected
+
+    receiver.status = status
+    with pytest.raises(DeliveryRejected if rejected else RuntimeError):
+        WebhookSink(receiver.url, 5.0, None).deliver(make_event())
