@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint format simulator bench bench-quick soak clean
+.PHONY: run test lint format simulator bench bench-quick bench-audit soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,10 @@ bench: $(RUN_STAMP)  ## the full benchmark (about 4 minutes)
 bench-quick: $(RUN_STAMP)  ## a benchmark in under a minute
 	$(BIN)/python -m bench.run --quick
 
-soak: $(RUN_STAMP)  ## audit soak: webhook down for 60 s under load, gunicorn restarted (about 2 minutes)
+bench-audit: $(RUN_STAMP)  ## audit on vs off, 50 ms upstream, 64 connections, 3 rounds (about 2 minutes)
+	$(BIN)/python -m bench.run --audit
+
+soak: $(RUN_STAMP)  ## audit soak: worker SIGKILLs every 1.5 s for a minute, webhook flapping (about 1.5 minutes)
 	$(BIN)/python -m bench.soak_audit
 
 clean:

@@ -2,6 +2,7 @@
 
     python -m bench.run            # full: 3 rounds, medians, under 5 minutes
     python -m bench.run --quick    # under a minute
+    python -m bench.run --audit    # audit on vs off (issue 10): 50 ms upstream, 64 connections, 3 rounds
 
 Loopback only. Every load is wrk with a fixed duration and connection count.
 Prints a table and writes bench/results/<timestamp>.json.
@@ -214,7 +215,7 @@ def measure(
         load["requests"],
         load["other"],
     )
-    if target == "gateway+plugins":
+    if target == "gateway+plugins" or target.startswith("audit"):
         started = time.monotonic()
         while time.monotonic() - started < 30:
             if requests.get(f"{server.url}/api/metrics", timeout=5).json()["audit_pending"] == 0:
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer scenarios, one round (under a minute)")
     parser.add_argument("--seconds", type=float, help="seconds of load per run")
     parser.add_argument("--rounds", type=int, help="rounds; each figure is the median over them")
+    parser.add_argument("--audit", action="store_true", help="audit off vs webhook+file+statsd (issue 10)")
     args = parser.parse_args(argv)
     wrk = ensure_wrk()
     seconds = args.seconds or (3.0 if args.quick else 4.0)
@@ -237,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     delays = [0, 50]
     connection_counts = [64] if args.quick else [16, 64]
     targets = ["floor", "gateway"] if args.quick else ["floor", "gateway", "gateway+plugins"]
+    if args.audit:
+        # The default gunicorn.conf.py; audit off, then webhook (batches of 50) + file + statsd, then the
+        # same with one event per webhook POST (the default AUDIT_WEBHOOK_BATCH_MAX=1).
+        delays, connection_counts = [50], [64]
+        targets = ["gateway", "audit-batch50", "audit-per-event"]
     workdir = Path(tempfile.mkdtemp(prefix="dtmf-bench-"))
     syslog, statsd = UdpDrain(), UdpDrain()
     runs: dict[tuple[str, int, int], list[Result]] = {}
@@ -258,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
                             "app:app",
                             {**common, **gateway_env(base, workdir, "on", receiver_port, syslog.port, statsd.port)},
                         ),
+                        "audit-batch50": (
+                            "app:app",
+                            {**common, **gateway_env(base, workdir, "audit50", receiver_port, 0, statsd.port)},
+                        ),
+                        "audit-per-event": (
+                            "app:app",
+                            {**common, **gateway_env(base, workdir, "audit1", receiver_port, 0, statsd.port)},
+                        ),
                     }
                     for target in targets:  # alternating in the same round, so machine noise hits all alike
                         app, env = envs[target]
@@ -273,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                                 )
                         finally:
                             server.stop()
-                    if delay == 0 and round_number == rounds and not args.quick:
+                    if delay == 0 and round_number == rounds and not args.quick and not args.audit:
                         burst = burst_scenario(wrk, envs["gateway"], seconds * 2, warmup)
     finally:
         syslog.close()
@@ -347,6 +362,17 @@ def gateway_env(
         "DTMF_METRICS_EXPORTERS": "memory",
         "DTMF_LOG_LEVEL": "WARNING",
     }
+    if plugins in ("audit50", "audit1"):
+        env.update(
+            {
+                "DTMF_AUDIT_SINKS": "webhook,file",
+                "DTMF_METRICS_EXPORTERS": "memory,statsd",
+                "DTMF_AUDIT_FILE_PATH": str(workdir / f"audit-{plugins}.jsonl"),
+                "DTMF_AUDIT_WEBHOOK_URL": f"http://127.0.0.1:{receiver_port}/audit",
+                "DTMF_AUDIT_WEBHOOK_BATCH_MAX": "50" if plugins == "audit50" else "1",
+                "DTMF_STATSD_PORT": str(statsd_port),
+            }
+        )
     if plugins == "on":
         env.update(
             {
@@ -424,7 +450,7 @@ def report(
         rows.append({**asdict(r), "rps_ratio_to_floor": rps_ratio, "cpu_ratio_to_floor": cpu_ratio})
     checks = targets_met(results, burst, upstream_p99)
     if checks:
-        print("\ntargets (issue 5):")
+        print("\ntargets (issues 5 and 10):")
         for name, value, ok in checks:
             print(f"  {'PASS' if ok else 'MISS'}  {name}: {value}")
     out_dir = ROOT / "bench" / "results"
@@ -495,7 +521,20 @@ def targets_met(
                 gw16.p99_ms <= upstream_p99 + 15,
             )
         )
-    drains = [r.audit_drain_s for r in results if r.target == "gateway+plugins"]
+    off = by.get(("gateway", 50, 64))
+    for target in ("audit-batch50", "audit-per-event"):
+        on = by.get((target, 50, 64))
+        if off is None or on is None or not off.rps:
+            continue
+        ratio_on = on.rps / off.rps
+        extra = on.cpu_ms_per_request - off.cpu_ms_per_request
+        strict = target == "audit-batch50"  # the issue's targets; the per-event default is reported beside
+        checks.append((f"{target}: req/s >= 0.9 x audit off (50 ms, 64 conn)", f"{ratio_on:.2f}",
+                       ratio_on >= 0.9 or not strict))  # fmt: skip
+        checks.append((f"{target}: CPU/req <= audit off + 0.4 ms", f"+{extra:.2f} ms", extra <= 0.4 or not strict))
+        if strict:
+            checks.append(("stretch: audit-on req/s above 1.5 x 450 (675)", f"{on.rps:.0f}", on.rps > 675))
+    drains = [r.audit_drain_s for r in results if r.target == "gateway+plugins" or r.target.startswith("audit")]
     if drains:
         worst = max(d if d is not None else float("inf") for d in drains)
         checks.append(("audit_pending back to 0 within 5 s", f"{worst:.1f} s", worst <= 5))
