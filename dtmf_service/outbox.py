@@ -26,6 +26,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,16 +35,28 @@ from .metrics import pid_alive
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL,"
-    " created REAL NOT NULL, body TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS pending (sink TEXT NOT NULL, event INTEGER NOT NULL,"
+    " created REAL NOT NULL, body TEXT NOT NULL, only_sink TEXT)",
+    # Keyed by event first: a new event's rows land on the one page at the tail, and "is anything left
+    # for this event" needs no second index. The claim token is indexed only while it is set.
+    "CREATE TABLE IF NOT EXISTS pending (event INTEGER NOT NULL, sink TEXT NOT NULL,"
     " next_try REAL NOT NULL DEFAULT 0, lease_until REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,"
-    " PRIMARY KEY (sink, event)) WITHOUT ROWID",
-    "CREATE INDEX IF NOT EXISTS pending_event ON pending (event)",
+    " token TEXT, PRIMARY KEY (event, sink)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS pending_token ON pending (token) WHERE token IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS sinks (name TEXT PRIMARY KEY)",
     "CREATE TABLE IF NOT EXISTS intents (event_id TEXT PRIMARY KEY, pid INTEGER NOT NULL,"
-    " lease_until REAL NOT NULL, body TEXT NOT NULL)",
+    " lease_until REAL NOT NULL, body TEXT NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS dead_letters (sink TEXT NOT NULL, event_id TEXT NOT NULL, failed REAL NOT NULL,"
     " reason TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (sink, event_id))",
     "CREATE TABLE IF NOT EXISTS dropped (sink TEXT PRIMARY KEY, count INTEGER NOT NULL)",
+    # Every write is one statement: the triggers do the rest inside it, so SQLite's write lock is held
+    # only within one C call, never across a GIL hand-off between Python statements.
+    "CREATE TRIGGER IF NOT EXISTS events_fan_out AFTER INSERT ON events BEGIN"
+    " INSERT INTO pending (event, sink) SELECT NEW.id, name FROM sinks"
+    " WHERE NEW.only_sink IS NULL OR name = NEW.only_sink;"
+    " DELETE FROM intents WHERE event_id = NEW.event_id; END",
+    "CREATE TRIGGER IF NOT EXISTS events_settled AFTER DELETE ON pending"
+    " WHEN NOT EXISTS (SELECT 1 FROM pending WHERE event = OLD.event) BEGIN"
+    " DELETE FROM events WHERE id = OLD.event; END",
 )
 
 
@@ -70,8 +83,34 @@ class Outbox(Protocol):
     def intend(self, event: Mapping[str, Any], lease_s: float) -> None: ...
     def commit(self, event: Mapping[str, Any]) -> None: ...
     def recover(self) -> int: ...
-    def claim(self, sink: str, consumer: str, limit: int, lease_s: float) -> list[Claimed]: ...
-    def ack(self, sink: str, refs: Sequence[str]) -> None: ...
+    def claim(self, sink: str, consumer: str, limit: int, lease_s: float) -> list[Claimed]:
+        now = time.time()
+        ready = "SELECT 1 FROM pending WHERE sink=? AND next_try<=? AND lease_until<=? LIMIT 1"
+        if self._db().execute(ready, (sink, now, now)).fetchone() is None:
+            return []  # a read, no write lock: idle polling costs the request path nothing
+        token = f"{consumer}:{uuid.uuid4().hex}"
+        self._execute(
+            "UPDATE pending SET lease_until=?, attempts=attempts+1, token=? WHERE sink=? AND event IN"
+            " (SELECT event FROM pending WHERE sink=? AND next_try<=? AND lease_until<=? ORDER BY event LIMIT ?)",
+            (now + lease_s, token, sink, sink, now, now, limit),
+        )
+        rows = (
+            self._db()
+            .execute(
+                "SELECT p.event, p.attempts, e.body FROM pending p JOIN events e ON e.id = p.event"
+                " WHERE p.token=? ORDER BY p.event",
+                (token,),
+            )
+            .fetchall()
+        )
+        return [Claimed(str(event), json.loads(body), attempts) for event, attempts, body in rows]
+
+    def ack(self, sink: str, refs: Sequence[str]) -> None:
+        if refs:
+            ids = [int(r) for r in refs]
+            marks = ",".join("?" * len(ids))
+            self._execute(f"DELETE FROM pending WHERE sink=? AND event IN ({marks})", [sink, *ids])  # noqa: S608
+
     def retry(self, sink: str, refs: Sequence[str], delay_s: float) -> None: ...
     def release(self, sink: str, refs: Sequence[str]) -> None: ...
     def dead_letter(self, sink: str, claimed: Claimed, reason: str) -> None: ...
@@ -99,7 +138,13 @@ class SqliteOutbox:
         if not os.path.exists(path):
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # digits may be in events: owner only
         self._local = threading.local()
+        self._connections: list[tuple[int, sqlite3.Connection]] = []
+        self._generation = 0  # bumped by close(): every thread then opens a fresh connection
         self._initialise()
+        self._writer = _GroupCommit(self)
+        if self.sinks:
+            # The sinks every new event fans out to: those of the process that started last.
+            self._transaction(lambda db: self._set_sinks(db))
 
     # -- connections ---------------------------------------------------------------------------
     def _initialise(self, patience_s: float = 15.0) -> None:
@@ -124,17 +169,44 @@ class SqliteOutbox:
 
     def _db(self) -> sqlite3.Connection:
         # One connection per thread and per process: SQLite connections survive neither sharing nor fork.
-        owner = (os.getpid(), threading.get_ident())
+        owner = (os.getpid(), threading.get_ident(), self._generation)
         db = getattr(self._local, "db", None)
         if db is None or getattr(self._local, "owner", None) != owner:
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            # No busy timeout: SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ms and more
+            # while the lock is usually free again after a fraction of a millisecond (_begin retries).
+            db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             db.execute(f"PRAGMA synchronous={self._synchronous}")
+            # The same few tail pages change with every write: checkpoint them less often (a WAL of up
+            # to ~40 MB), and give the file back its space afterwards.
+            db.execute("PRAGMA wal_autocheckpoint=10000")
+            db.execute("PRAGMA journal_size_limit=67108864")
             self._local.db, self._local.owner = db, owner
+            self._connections.append((os.getpid(), db))
         return db
+
+    def _set_sinks(self, db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM sinks")
+        db.executemany("INSERT INTO sinks VALUES (?)", [(sink,) for sink in self.sinks])
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """One statement, atomic on its own (autocommit), retried while another writer holds the lock."""
+        db = self._db()
+        deadline = 0.0
+        while True:
+            try:
+                return db.execute(sql, params)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + _BUSY_PATIENCE_S
+                if now > deadline:
+                    raise
+                time.sleep(0.0005)
 
     def _transaction(self, work: Any) -> Any:
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
+        _begin(db)
         try:
             result = work(db)
             db.execute("COMMIT")
@@ -145,26 +217,36 @@ class SqliteOutbox:
 
     # -- request path --------------------------------------------------------------------------
     def intend(self, event: Mapping[str, Any], lease_s: float) -> None:
-        self._db().execute(
-            "INSERT OR REPLACE INTO intents VALUES (?, ?, ?, ?)",
-            (event["event_id"], os.getpid(), time.time() + lease_s, _dumps(event)),
-        )
+        self._writer.write(_Write("intent", (event["event_id"], os.getpid(), time.time() + lease_s, _dumps(event))))
 
     def commit(self, event: Mapping[str, Any]) -> None:
-        body = _dumps(event)
+        self._writer.write(_Write("event", (event["event_id"], time.time(), _dumps(event))))
 
-        def write(db: sqlite3.Connection) -> None:
-            self._insert(db, event["event_id"], body, self.sinks)
-            db.execute("DELETE FROM intents WHERE event_id=?", (event["event_id"],))
-
-        self._transaction(write)
+    def _write_batch(self, batch: Sequence[_Write]) -> None:
+        """A batch of request writes: one multi-row statement for the placeholders and one for the
+        events (the triggers fan each event out to its sinks and drop its placeholder)."""
+        intents = [item.row for item in batch if item.kind == "intent"]
+        events = [item.row for item in batch if item.kind == "event"]
+        for start in range(0, len(intents), 200):
+            chunk = intents[start : start + 200]
+            self._execute(
+                "INSERT OR REPLACE INTO intents VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk)),  # noqa: S608 - markers only
+                [value for row in chunk for value in row],
+            )
+        for start in range(0, len(events), 200):
+            chunk = events[start : start + 200]
+            self._execute(
+                "INSERT INTO events (event_id, created, body) VALUES "  # noqa: S608 - "?" markers only
+                + ",".join(["(?, ?, ?)"] * len(chunk)),
+                [value for row in chunk for value in row],
+            )
 
     @staticmethod
-    def _insert(db: sqlite3.Connection, event_id: str, body: str, sinks: Iterable[str]) -> None:
-        row = db.execute(
-            "INSERT INTO events (event_id, created, body) VALUES (?, ?, ?)", (event_id, time.time(), body)
-        ).lastrowid
-        db.executemany("INSERT INTO pending (sink, event) VALUES (?, ?)", [(sink, row) for sink in sinks])
+    def _insert(db: sqlite3.Connection, event_id: str, body: str, only_sink: str | None = None) -> None:
+        db.execute(
+            "INSERT INTO events (event_id, created, body, only_sink) VALUES (?, ?, ?, ?)",
+            (event_id, time.time(), body, only_sink),
+        )
 
     def recover(self) -> int:
         """Turn the placeholders of dead requests into events (outcome ``submission_unknown``)."""
@@ -180,7 +262,7 @@ class SqliteOutbox:
                     return False  # another process recovered it first
                 event = json.loads(found[0])
                 event["recovered"] = True
-                self._insert(db, event_id, _dumps(event), self.sinks)
+                self._insert(db, event_id, _dumps(event))
                 return True
 
             recovered += bool(self._transaction(move))
@@ -234,7 +316,7 @@ class SqliteOutbox:
             return
         ids = [int(r) for r in refs]
         marks = ",".join("?" * len(ids))
-        self._db().execute(
+        self._execute(
             f"UPDATE pending SET lease_until=0, attempts=max(attempts-1, 0) WHERE sink=? AND event IN ({marks})",  # noqa: S608
             [sink, *ids],
         )
@@ -244,7 +326,7 @@ class SqliteOutbox:
             return
         ids = [int(r) for r in refs]
         marks = ",".join("?" * len(ids))
-        self._db().execute(
+        self._execute(
             f"UPDATE pending SET next_try=?, lease_until=0 WHERE sink=? AND event IN ({marks})",  # noqa: S608
             [next_try, sink, *ids],
         )
@@ -256,10 +338,6 @@ class SqliteOutbox:
                 (sink, claimed.event["event_id"], time.time(), reason[:500], _dumps(claimed.event)),
             )
             db.execute("DELETE FROM pending WHERE sink=? AND event=?", (sink, int(claimed.ref)))
-            db.execute(
-                "DELETE FROM events WHERE id=? AND NOT EXISTS (SELECT 1 FROM pending WHERE pending.event=events.id)",
-                (int(claimed.ref),),
-            )
 
         self._transaction(move)
 
@@ -342,16 +420,104 @@ class SqliteOutbox:
             where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
             rows = db.execute(f"DELETE FROM dead_letters{where} RETURNING sink, event_id, body", params).fetchall()  # noqa: S608
             for row_sink, row_event_id, body in rows:
-                self._insert(db, row_event_id, body, [row_sink])
+                self._insert(db, row_event_id, body, only_sink=row_sink)
             return len(rows)
 
         return self._transaction(move)
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        """Close this process's connections (every thread's); a later call opens new ones."""
+        self._generation += 1
+        mine = [db for pid, db in self._connections if pid == os.getpid()]
+        self._connections = [(pid, db) for pid, db in self._connections if pid != os.getpid()]
+        for db in mine:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+
+
+_BUSY_PATIENCE_S = 10.0
+
+
+def _begin(db: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, retried every half millisecond while another writer holds the lock (in WAL
+    mode only beginning a write can be refused: readers never block and the commit needs no more)."""
+    deadline = 0.0
+    while True:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            now = time.monotonic()
+            deadline = deadline or now + _BUSY_PATIENCE_S
+            if now > deadline:
+                raise
+            time.sleep(0.0005)
+
+
+class _GroupCommit:
+    """One writer thread per process commits the request threads' writes together.
+
+    Each request waits until its write is durable (that is the guarantee), but a transaction per
+    request would make every worker's threads queue on SQLite's write lock (whose busy handler
+    sleeps for milliseconds) and write the same B-tree pages to the WAL again and again. Writes
+    that arrive while one transaction commits go together in the next: at low load a write commits
+    at once; under load, one transaction carries many.
+    """
+
+    _WAIT_S = 15.0  # longer than SQLite's own busy timeout: a stuck writer surfaces as an error
+
+    def __init__(self, outbox: SqliteOutbox) -> None:
+        self._outbox = outbox
+        self._cond = threading.Condition()
+        self._queue: list[_Write] = []
+        self._pid: int | None = None
+
+    def write(self, item: _Write) -> None:
+        """Return once ``item`` is committed; raise what its write (or the commit) raised."""
+        with self._cond:
+            if self._pid != os.getpid():
+                # After fork the parent's thread does not exist here.
+                self._pid, self._queue = os.getpid(), []
+                threading.Thread(target=self._run, name="audit-outbox-writer", daemon=True).start()
+            self._queue.append(item)
+            self._cond.notify()
+        if not item.done.acquire(timeout=self._WAIT_S):
+            raise TimeoutError("audit outbox: the writer did not commit in time")
+        if item.error is not None:
+            raise item.error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch, self._queue = self._queue[:512], self._queue[512:]
+            try:
+                self._outbox._write_batch(batch)
+            except Exception:  # noqa: BLE001 - find out which write failed: each alone
+                for item in batch:
+                    try:
+                        self._outbox._write_batch([item])
+                    except Exception as exc:  # noqa: BLE001
+                        item.error = exc
+            for item in batch:
+                item.done.release()
+
+
+class _Write:
+    """One request's write: a placeholder ("intent") or a final event, and its completion."""
+
+    __slots__ = ("kind", "row", "done", "error")
+
+    def __init__(self, kind: str, row: tuple[Any, ...]) -> None:
+        self.kind, self.row = kind, row
+        self.done = threading.Lock()
+        self.done.acquire()  # released by the writer once the transaction is committed
+        self.error: BaseException | None = None
 
 
 def open_outbox(config: Mapping[str, Any], sinks: Iterable[str]) -> Outbox:
