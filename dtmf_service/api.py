@@ -66,6 +66,7 @@ class Attempt:
         "cxone_status",
         "cxone_response",
         "latency_ms",
+        "audit_ticket",
     )
 
     def __init__(self) -> None:
@@ -77,6 +78,7 @@ class Attempt:
         self.cxone_status: int | None = None
         self.cxone_response: str | None = None
         self.latency_ms: float | None = None
+        self.audit_ticket: Any = None  # the outbox's handle on this request's placeholder
 
 
 def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, bool]:

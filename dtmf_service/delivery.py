@@ -232,6 +232,9 @@ class DeliveryEngine:
     def flush(self, timeout_s: float) -> bool:
         """Wait until no event is pending for any sink (tests and benchmarks)."""
         deadline = time.monotonic() + timeout_s
+        flush = getattr(self.outbox, "flush", None)
+        if flush is not None:
+            flush(timeout_s)  # this process's journal into the outbox first
         while time.monotonic() < deadline:
             if all(b.pending == 0 for b in self.outbox.backlog().values()):
                 return True

@@ -121,7 +121,9 @@ class Gateway:
         if self.outbox is None:
             return
         try:
-            self.outbox.intend(self._event(attempt, client_ip, None, "submission_unknown"), self._intent_lease_s)
+            attempt.audit_ticket = self.outbox.intend(
+                self._event(attempt, client_ip, None, "submission_unknown"), self._intent_lease_s
+            )
         except Exception as exc:  # noqa: BLE001 - audit trouble never stops the caller's request
             self.counters.inc("audit_outbox_errors")
             log.error("audit outbox: could not write a request's placeholder (%s)", type(exc).__name__)
@@ -136,7 +138,7 @@ class Gateway:
                 log.error("metrics exporter %r failed: %s", name, type(exc).__name__)
         if self.outbox is not None and self.delivery is not None:
             try:
-                self.outbox.commit(event)  # durable before the response leaves this worker
+                self.outbox.commit(event, attempt.audit_ticket)  # durable before the response leaves this worker
             except Exception as exc:  # noqa: BLE001 - the caller still gets the answer; the loss is counted
                 self.counters.add_many({"audit_dropped": 1.0, "audit_outbox_errors": 1.0})
                 log.error("audit outbox: could not write an event (%s); it is lost", type(exc).__name__)

@@ -22,6 +22,7 @@ per request.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -31,7 +32,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .journal import FINAL, INTENT, Journal, JournalFull, recover_orphans
 from .metrics import pid_alive
+
+log = logging.getLogger("dtmf_service.audit")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL,"
@@ -80,37 +84,11 @@ class SinkBacklog:
 class Outbox(Protocol):
     """What the request path and the delivery side need; SQLite and Redis implement it."""
 
-    def intend(self, event: Mapping[str, Any], lease_s: float) -> None: ...
-    def commit(self, event: Mapping[str, Any]) -> None: ...
+    def intend(self, event: Mapping[str, Any], lease_s: float) -> Any: ...
+    def commit(self, event: Mapping[str, Any], ticket: Any = None) -> None: ...
     def recover(self) -> int: ...
-    def claim(self, sink: str, consumer: str, limit: int, lease_s: float) -> list[Claimed]:
-        now = time.time()
-        ready = "SELECT 1 FROM pending WHERE sink=? AND next_try<=? AND lease_until<=? LIMIT 1"
-        if self._db().execute(ready, (sink, now, now)).fetchone() is None:
-            return []  # a read, no write lock: idle polling costs the request path nothing
-        token = f"{consumer}:{uuid.uuid4().hex}"
-        self._execute(
-            "UPDATE pending SET lease_until=?, attempts=attempts+1, token=? WHERE sink=? AND event IN"
-            " (SELECT event FROM pending WHERE sink=? AND next_try<=? AND lease_until<=? ORDER BY event LIMIT ?)",
-            (now + lease_s, token, sink, sink, now, now, limit),
-        )
-        rows = (
-            self._db()
-            .execute(
-                "SELECT p.event, p.attempts, e.body FROM pending p JOIN events e ON e.id = p.event"
-                " WHERE p.token=? ORDER BY p.event",
-                (token,),
-            )
-            .fetchall()
-        )
-        return [Claimed(str(event), json.loads(body), attempts) for event, attempts, body in rows]
-
-    def ack(self, sink: str, refs: Sequence[str]) -> None:
-        if refs:
-            ids = [int(r) for r in refs]
-            marks = ",".join("?" * len(ids))
-            self._execute(f"DELETE FROM pending WHERE sink=? AND event IN ({marks})", [sink, *ids])  # noqa: S608
-
+    def claim(self, sink: str, consumer: str, limit: int, lease_s: float) -> list[Claimed]: ...
+    def ack(self, sink: str, refs: Sequence[str]) -> None: ...
     def retry(self, sink: str, refs: Sequence[str], delay_s: float) -> None: ...
     def release(self, sink: str, refs: Sequence[str]) -> None: ...
     def dead_letter(self, sink: str, claimed: Claimed, reason: str) -> None: ...
@@ -141,6 +119,8 @@ class SqliteOutbox:
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._generation = 0  # bumped by close(): every thread then opens a fresh connection
         self._initialise()
+        self._fsync = fsync
+        self._journal = Journal(os.path.join(directory, "journals"))
         self._writer = _GroupCommit(self)
         if self.sinks:
             # The sinks every new event fans out to: those of the process that started last.
@@ -216,11 +196,42 @@ class SqliteOutbox:
             raise
 
     # -- request path --------------------------------------------------------------------------
-    def intend(self, event: Mapping[str, Any], lease_s: float) -> None:
-        self._writer.write(_Write("intent", (event["event_id"], os.getpid(), time.time() + lease_s, _dumps(event))))
+    def intend(self, event: Mapping[str, Any], lease_s: float) -> int | None:
+        """The placeholder, durable before this returns: a journal slot (the ticket for ``commit``)."""
+        body = _dumps(event)
+        try:
+            slot = self._journal.acquire()
+        except JournalFull:
+            slot = None
+        if slot is not None:
+            try:
+                self._journal.write(slot, INTENT, body.encode())
+                if self._fsync:
+                    self._journal.sync()
+                return slot
+            except JournalFull:
+                self._journal.release(slot)
+        # No room in the journal (or an event too large for a slot): through SQLite, waiting for it.
+        self._writer.write(_Write("intent", (event["event_id"], os.getpid(), time.time() + lease_s, body)))
+        return None
 
-    def commit(self, event: Mapping[str, Any]) -> None:
-        self._writer.write(_Write("event", (event["event_id"], time.time(), _dumps(event))))
+    def commit(self, event: Mapping[str, Any], ticket: int | None = None) -> None:
+        """The final event, durable before this returns (in the journal); the writer thread moves it
+        into SQLite in the background. Without journal room, through SQLite, waiting for it."""
+        row = (event["event_id"], time.time(), _dumps(event))
+        slot = ticket
+        try:
+            if slot is None:
+                slot = self._journal.acquire()
+            self._journal.write(slot, FINAL, row[2].encode())
+        except JournalFull:
+            if slot is not None:
+                self._journal.release(slot)
+            self._writer.write(_Write("event", row))
+            return
+        if self._fsync:
+            self._journal.sync()
+        self._writer.write(_Write("event", row, slot), wait=False)
 
     def _write_batch(self, batch: Sequence[_Write]) -> None:
         """A batch of request writes: one multi-row statement for the placeholders and one for the
@@ -248,12 +259,25 @@ class SqliteOutbox:
             (event_id, time.time(), body, only_sink),
         )
 
+    def _move_orphans(self, entries: list[tuple[int, bytes]]) -> None:
+        """A dead process's journal slots into the outbox: placeholders as ``submission_unknown``."""
+
+        def move(db: sqlite3.Connection) -> None:
+            for state, payload in entries:
+                event = json.loads(payload)
+                if state == INTENT:
+                    event["recovered"] = True
+                self._insert(db, event["event_id"], _dumps(event))
+
+        self._transaction(move)
+
     def recover(self) -> int:
-        """Turn the placeholders of dead requests into events (outcome ``submission_unknown``)."""
+        """Events left by dead processes: their journals, and placeholders that went through SQLite.
+        Placeholders become events with outcome ``submission_unknown``."""
+        recovered = recover_orphans(self._journal.directory, self._move_orphans)
         now = time.time()
         rows = self._db().execute("SELECT event_id, pid, lease_until FROM intents").fetchall()
         orphans = [event_id for event_id, pid, lease in rows if lease <= now or not pid_alive(pid)]
-        recovered = 0
         for event_id in orphans:
 
             def move(db: sqlite3.Connection, event_id: str = event_id) -> bool:
@@ -268,44 +292,38 @@ class SqliteOutbox:
             recovered += bool(self._transaction(move))
         return recovered
 
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every final event of this process is in SQLite (shutdown, tests)."""
+        return self._writer.drain(timeout_s)
+
     # -- delivery side -------------------------------------------------------------------------
     def claim(self, sink: str, consumer: str, limit: int, lease_s: float) -> list[Claimed]:
         now = time.time()
         ready = "SELECT 1 FROM pending WHERE sink=? AND next_try<=? AND lease_until<=? LIMIT 1"
         if self._db().execute(ready, (sink, now, now)).fetchone() is None:
             return []  # a read, no write lock: idle polling costs the request path nothing
-
-        def lease(db: sqlite3.Connection) -> list[Claimed]:
-            rows = db.execute(
-                "UPDATE pending SET lease_until=?, attempts=attempts+1 WHERE sink=? AND event IN"
-                " (SELECT event FROM pending WHERE sink=? AND next_try<=? AND lease_until<=? ORDER BY event LIMIT ?)"
-                " RETURNING event, attempts",
-                (now + lease_s, sink, sink, now, now, limit),
-            ).fetchall()
-            if not rows:
-                return []
-            attempts = dict(rows)
-            marks = ",".join("?" * len(attempts))
-            bodies = db.execute(f"SELECT id, body FROM events WHERE id IN ({marks}) ORDER BY id", list(attempts))  # noqa: S608
-            return [Claimed(str(row), json.loads(body), attempts[row]) for row, body in bodies]
-
-        return self._transaction(lease)
+        token = f"{consumer}:{uuid.uuid4().hex}"
+        self._execute(
+            "UPDATE pending SET lease_until=?, attempts=attempts+1, token=? WHERE sink=? AND event IN"
+            " (SELECT event FROM pending WHERE sink=? AND next_try<=? AND lease_until<=? ORDER BY event LIMIT ?)",
+            (now + lease_s, token, sink, sink, now, now, limit),
+        )
+        rows = (
+            self._db()
+            .execute(
+                "SELECT p.event, p.attempts, e.body FROM pending p JOIN events e ON e.id = p.event"
+                " WHERE p.token=? ORDER BY p.event",
+                (token,),
+            )
+            .fetchall()
+        )
+        return [Claimed(str(event), json.loads(body), attempts) for event, attempts, body in rows]
 
     def ack(self, sink: str, refs: Sequence[str]) -> None:
-        if not refs:
-            return
-        ids = [int(r) for r in refs]
-        marks = ",".join("?" * len(ids))
-
-        def done(db: sqlite3.Connection) -> None:
-            db.execute(f"DELETE FROM pending WHERE sink=? AND event IN ({marks})", [sink, *ids])  # noqa: S608
-            db.execute(
-                f"DELETE FROM events WHERE id IN ({marks})"  # noqa: S608
-                " AND NOT EXISTS (SELECT 1 FROM pending WHERE pending.event=events.id)",
-                ids,
-            )
-
-        self._transaction(done)
+        if refs:
+            ids = [int(r) for r in refs]
+            marks = ",".join("?" * len(ids))
+            self._execute(f"DELETE FROM pending WHERE sink=? AND event IN ({marks})", [sink, *ids])  # noqa: S608
 
     def retry(self, sink: str, refs: Sequence[str], delay_s: float) -> None:
         self._put_back(sink, refs, time.time() + delay_s)
@@ -426,7 +444,11 @@ class SqliteOutbox:
         return self._transaction(move)
 
     def close(self) -> None:
-        """Close this process's connections (every thread's); a later call opens new ones."""
+        """Move what the journal still holds into SQLite, then close this process's connections
+        (every thread's); a later call opens new ones. A journal that could not be emptied stays
+        on disk and another process takes it over."""
+        drained = self._writer.drain(10.0)
+        self._journal.close(remove=drained and self._journal.in_use() == 0)
         self._generation += 1
         mine = [db for pid, db in self._connections if pid == os.getpid()]
         self._connections = [(pid, db) for pid, db in self._connections if pid != os.getpid()]
@@ -475,16 +497,22 @@ class _GroupCommit:
         self._cond = threading.Condition()
         self._queue: list[_Write] = []
         self._pid: int | None = None
+        self._busy = 0  # items queued or being written
+        self._retry_s = 0.1
 
-    def write(self, item: _Write) -> None:
-        """Return once ``item`` is committed; raise what its write (or the commit) raised."""
+    def write(self, item: _Write, wait: bool = True) -> None:
+        """Queue ``item``; with ``wait``, return once it is committed and raise what its write raised.
+        Without, the item's event is already durable in its journal slot, freed once committed."""
         with self._cond:
             if self._pid != os.getpid():
                 # After fork the parent's thread does not exist here.
-                self._pid, self._queue = os.getpid(), []
+                self._pid, self._queue, self._busy = os.getpid(), [], 0
                 threading.Thread(target=self._run, name="audit-outbox-writer", daemon=True).start()
             self._queue.append(item)
+            self._busy += 1
             self._cond.notify()
+        if not wait:
+            return
         if not item.done.acquire(timeout=self._WAIT_S):
             raise TimeoutError("audit outbox: the writer did not commit in time")
         if item.error is not None:
@@ -504,17 +532,46 @@ class _GroupCommit:
                         self._outbox._write_batch([item])
                     except Exception as exc:  # noqa: BLE001
                         item.error = exc
+            retry = []
             for item in batch:
-                item.done.release()
+                if item.slot is None:
+                    item.done.release()  # a waiting caller learns the outcome
+                elif item.error is None:
+                    self._outbox._journal.release(item.slot)
+                else:
+                    retry.append(item)  # safe in its journal slot: try again later
+            with self._cond:
+                self._busy -= len(batch) - len(retry)
+            if retry:
+                log.error("audit outbox: %d event(s) wait in the journal, SQLite refused them (%s)",
+                          len(retry), type(retry[0].error).__name__)  # fmt: skip
+                time.sleep(self._retry_s)
+                self._retry_s = min(self._retry_s * 2, 5.0)
+                for item in retry:
+                    item.error = None
+                with self._cond:
+                    self._queue[:0] = retry
+            else:
+                self._retry_s = 0.1
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or being written in this process."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._cond:
+                if self._busy <= 0 or self._pid != os.getpid():
+                    return True
+            time.sleep(0.01)
+        return False
 
 
 class _Write:
     """One request's write: a placeholder ("intent") or a final event, and its completion."""
 
-    __slots__ = ("kind", "row", "done", "error")
+    __slots__ = ("kind", "row", "slot", "done", "error")
 
-    def __init__(self, kind: str, row: tuple[Any, ...]) -> None:
-        self.kind, self.row = kind, row
+    def __init__(self, kind: str, row: tuple[Any, ...], slot: int | None = None) -> None:
+        self.kind, self.row, self.slot = kind, row, slot
         self.done = threading.Lock()
         self.done.acquire()  # released by the writer once the transaction is committed
         self.error: BaseException | None = None

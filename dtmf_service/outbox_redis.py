@@ -71,12 +71,14 @@ class RedisOutbox:
 
     # -- request path --------------------------------------------------------------------------
     def intend(self, event: Mapping[str, Any], lease_s: float) -> None:
+        """In Redis before this returns: when this host dies for good, another recovers it."""
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(self._intents, event["event_id"], _dumps(event))
         pipe.zadd(self._leases, {event["event_id"]: time.time() + lease_s})
         pipe.execute()
 
-    def commit(self, event: Mapping[str, Any]) -> None:
+    def commit(self, event: Mapping[str, Any], ticket: Any = None) -> None:
+        """In Redis before this returns (no local journal: the event must outlive the host)."""
         self._groups()
         pipe = self._r.pipeline(transaction=True)
         pipe.xadd(self._stream, {"e": _dumps(event)})

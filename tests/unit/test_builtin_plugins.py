@@ -267,8 +267,8 @@ def test_webhook_batches_are_ndjson_signed_over_the_whole_body(receiver):
     sink = WebhookSink(receiver.url, 5.0, "s3cret", concurrency=2, batch_max=10)
     events = [make_event() for _ in range(25)]
     sink.deliver_many(events)
-    assert [e["event_id"] for e in receiver.events] == [e["event_id"] for e in events]
-    assert receiver.posts == 3  # 10 + 10 + 5
+    assert sorted(e["event_id"] for e in receiver.events) == sorted(e["event_id"] for e in events)
+    assert receiver.posts == 3  # 10 + 10 + 5, two at a time
     for body, headers in zip(receiver.bodies, receiver.headers, strict=True):
         assert headers["Content-Type"] == "application/x-ndjson"
         timestamp = headers["X-DTMF-Signature"].split(",")[0][2:]

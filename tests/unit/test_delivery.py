@@ -67,8 +67,17 @@ def outbox_path(tmp_path):
     return str(tmp_path / "spool" / "outbox.db")
 
 
+class SettledOutbox(SqliteOutbox):
+    """Each commit waits until the writer thread has moved the event from the journal into SQLite,
+    so a test can read the backlog right after committing."""
+
+    def commit(self, event, ticket=None):
+        super().commit(event, ticket)
+        assert self.flush(5)
+
+
 def outbox(path, sinks=("s",), max_bytes=1 << 30):
-    return SqliteOutbox(path, sinks, max_bytes)
+    return SettledOutbox(path, sinks, max_bytes)
 
 
 def run_until(delivery, predicate, timeout=10.0):
@@ -173,12 +182,13 @@ def test_a_refused_event_becomes_a_dead_letter_and_never_blocks_the_rest(config,
 
 
 def test_the_outbox_is_bounded_oldest_dropped_and_counted_per_sink(outbox_path):
-    box = outbox(outbox_path, sinks=("a", "b"), max_bytes=512 * 1024)
+    box = SqliteOutbox(outbox_path, ("a", "b"), 512 * 1024)
     ids = []
     for _ in range(2000):
         event = make_event(pad="x" * 400)
         ids.append(event["event_id"])
         box.commit(event)
+    assert box.flush(10)
     dropped = box.enforce_bound()
     assert dropped["a"] == dropped["b"] > 0
     backlog = box.backlog()
@@ -204,10 +214,24 @@ def test_a_placeholder_becomes_submission_unknown_when_its_process_is_gone(outbo
     assert box.recover() == 0  # recovered once only
 
 
-def test_a_lapsed_lease_is_recovered_and_commit_replaces_the_placeholder(outbox_path):
+def test_commit_replaces_the_placeholder_and_a_live_process_keeps_its_own(outbox_path):
     box = outbox(outbox_path)
+    answered, running = make_event(outcome="submission_unknown"), make_event(outcome="submission_unknown")
+    ticket = box.intend(answered, lease_s=0.0)
+    box.intend(running, lease_s=0.0)
+    box.commit({**answered, "outcome": "dtmf_submitted"}, ticket)
+    assert box.recover() == 0  # this process is alive: its request is still running, whatever the lease
+    outcomes = {c.event["event_id"]: c.event["outcome"] for c in box.claim("s", "c", 10, 30)}
+    assert outcomes == {answered["event_id"]: "dtmf_submitted"}
+
+
+def test_without_journal_room_placeholders_go_through_sqlite_and_lapse_with_their_lease(outbox_path):
+    from dtmf_service.journal import Journal
+
+    box = outbox(outbox_path)
+    box._journal = Journal(box._journal.directory, slots=0)  # every slot taken
     lapsed, answered = make_event(outcome="submission_unknown"), make_event(outcome="submission_unknown")
-    box.intend(lapsed, lease_s=0.0)
+    assert box.intend(lapsed, lease_s=0.0) is None
     box.intend(answered, lease_s=600)
     box.commit({**answered, "outcome": "dtmf_submitted"})
     assert box.recover() == 1
@@ -225,12 +249,13 @@ def _deliver_into_file(path, out_path, metrics_dir, config):
 
 
 def test_four_processes_share_one_outbox_without_double_delivery(tmp_path, config, outbox_path):
-    box = outbox(outbox_path, ("file",))
+    box = SqliteOutbox(outbox_path, ("file",), 1 << 30)
     ids = []
     for _ in range(600):
         event = make_event()
         ids.append(event["event_id"])
         box.commit(event)
+    assert box.flush(10)
     out = tmp_path / "audit.jsonl"
     ctx = multiprocessing.get_context("fork")
     small = {**config, "AUDIT_BATCH_SIZE": 7}
