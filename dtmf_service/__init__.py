@@ -11,10 +11,11 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from .events import event_json
 from .hookspecs import DeliveryIncomplete, DeliveryRejected, hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["DeliveryIncomplete", "DeliveryRejected", "create_app", "hookimpl", "__version__"]
+__all__ = ["DeliveryIncomplete", "DeliveryRejected", "create_app", "event_json", "hookimpl", "__version__"]
 
 log = logging.getLogger("dtmf_service")
 

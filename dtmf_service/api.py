@@ -67,6 +67,7 @@ class Attempt:
         "cxone_response",
         "latency_ms",
         "audit_ticket",
+        "audit_event",
     )
 
     def __init__(self) -> None:
@@ -79,6 +80,7 @@ class Attempt:
         self.cxone_response: str | None = None
         self.latency_ms: float | None = None
         self.audit_ticket: Any = None  # the outbox's handle on this request's placeholder
+        self.audit_event: dict[str, Any] | None = None  # the placeholder itself
 
 
 def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, bool]:

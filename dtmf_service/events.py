@@ -24,6 +24,23 @@ CATEGORY = {
 }
 
 
+class AuditEvent(dict):  # type: ignore[type-arg]
+    """An audit event as sinks receive it: a plain dict, plus the compact JSON it was stored as, so
+    that a sink writing JSON need not serialise it again (read it with ``event_json``)."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, data: Mapping[str, Any], text: str | None = None) -> None:
+        super().__init__(data)
+        self.json = text
+
+
+def event_json(event: Mapping[str, Any]) -> str:
+    """The event's compact JSON: the stored text when the core has it, else ``json.dumps``."""
+    text = getattr(event, "json", None)
+    return text if text is not None else json.dumps(event, separators=(",", ":"))
+
+
 def outcome_category(outcome: str) -> str | None:
     """The section 4 counter an event's ``outcome`` belongs to (None: not counted)."""
     return CATEGORY.get(outcome)
@@ -102,7 +119,7 @@ def build_event(
         digits = redactor.redact(text[:SENT_TEXT_CHARS], source.get("sequence_matrix_key"))
     event = {
         "event_id": event_id or str(uuid.uuid4()),
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "timestamp": _now(),
         "client_ip": client_ip,
         "interaction_id": field("interaction_id"),
         "digits": digits,
@@ -118,6 +135,29 @@ def build_event(
     if request_id is not None:
         event["request_id"] = request_id
     return event
+
+
+def finish_event(
+    placeholder: Mapping[str, Any],
+    valid: Mapping[str, Any],
+    latency_ms: float,
+    cxone_status: int | None,
+    cxone_response: str | None,
+    outcome: str,
+    redactor: Redactor,
+) -> dict[str, Any]:
+    """The final event of a request that left a placeholder: the same fields, with what CXone did."""
+    event = dict(placeholder)
+    event["timestamp"] = _now()
+    event["latency_ms"] = latency_ms
+    event["cxone_status"] = cxone_status
+    event["cxone_response"] = redactor.scrub(cxone_response, valid.get("digits"), valid.get("sequence_matrix_key"))
+    event["outcome"] = outcome
+    return event
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _native_ok(value: Any) -> bool:

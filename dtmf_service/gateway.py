@@ -17,7 +17,7 @@ from .cxone import CXoneClient
 from .delivery import DeliveryEngine
 from .dialects import make_dialect
 from .errors import error_response
-from .events import Redactor, build_event
+from .events import Redactor, build_event, finish_event
 from .idempotency import Idempotency
 from .outbox import open_outbox
 from .pluginmanager import build_plugin_manager, plugin_config_keys, resolve
@@ -121,16 +121,21 @@ class Gateway:
         if self.outbox is None:
             return
         try:
-            attempt.audit_ticket = self.outbox.intend(
-                self._event(attempt, client_ip, None, "submission_unknown"), self._intent_lease_s
-            )
+            attempt.audit_event = self._event(attempt, client_ip, None, "submission_unknown")
+            attempt.audit_ticket = self.outbox.intend(attempt.audit_event, self._intent_lease_s)
         except Exception as exc:  # noqa: BLE001 - audit trouble never stops the caller's request
             self.counters.inc("audit_outbox_errors")
             log.error("audit outbox: could not write a request's placeholder (%s)", type(exc).__name__)
 
     def record(self, attempt: Attempt, client_ip: str | None, latency_ms: float) -> dict[str, Any]:
         """Build the audit event once, hand it to every exporter, make it durable in the outbox."""
-        event = self._event(attempt, client_ip, latency_ms, attempt.outcome or "internal_error")
+        outcome = attempt.outcome or "internal_error"
+        if attempt.audit_event is not None and attempt.valid is not None:
+            # The placeholder already holds every field of the request: finish it, do not build again.
+            event = finish_event(attempt.audit_event, attempt.valid, latency_ms, attempt.cxone_status,
+                                 attempt.cxone_response, outcome, self.redactor)  # fmt: skip
+        else:
+            event = self._event(attempt, client_ip, latency_ms, outcome)
         for name, exporter in self.exporters.items():
             try:
                 exporter.record(event)

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .events import AuditEvent
 from .journal import FINAL, INTENT, Journal, JournalFull, recover_orphans
 from .metrics import pid_alive
 
@@ -317,7 +318,7 @@ class SqliteOutbox:
             )
             .fetchall()
         )
-        return [Claimed(str(event), json.loads(body), attempts) for event, attempts, body in rows]
+        return [Claimed(str(event), AuditEvent(json.loads(body), body), attempts) for event, attempts, body in rows]
 
     def ack(self, sink: str, refs: Sequence[str]) -> None:
         if refs:
@@ -460,6 +461,8 @@ class SqliteOutbox:
 
 
 _BUSY_PATIENCE_S = 10.0
+_LINGER_S = 0.01  # how long journaled events wait to be moved into SQLite together
+_EAGER_BATCH = 64
 
 
 def _begin(db: sqlite3.Connection) -> None:
@@ -510,7 +513,8 @@ class _GroupCommit:
                 threading.Thread(target=self._run, name="audit-outbox-writer", daemon=True).start()
             self._queue.append(item)
             self._busy += 1
-            self._cond.notify()
+            if wait or len(self._queue) == 1 or len(self._queue) >= _EAGER_BATCH:
+                self._cond.notify()  # async writes wake the writer once per batch, not once each
         if not wait:
             return
         if not item.done.acquire(timeout=self._WAIT_S):
@@ -523,6 +527,10 @@ class _GroupCommit:
             with self._cond:
                 while not self._queue:
                     self._cond.wait()
+                if len(self._queue) < _EAGER_BATCH and all(item.slot is not None for item in self._queue):
+                    # Only journaled events, safe already: let a batch gather (a caller's synchronous
+                    # write, or a full batch, cuts this short).
+                    self._cond.wait(_LINGER_S)
                 batch, self._queue = self._queue[:512], self._queue[512:]
             try:
                 self._outbox._write_batch(batch)

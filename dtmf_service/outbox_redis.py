@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from .events import AuditEvent
 from .outbox import Claimed, SinkBacklog
 
 _PREFIX = "dtmf:audit:"
@@ -127,7 +128,7 @@ class RedisOutbox:
                 if only and only != sink:
                     foreign.append(entry_id)  # put back in line for another sink
                     continue
-                claimed.append(Claimed(entry_id, json.loads(fields["e"]), int(attempts)))
+                claimed.append(Claimed(entry_id, AuditEvent(json.loads(fields["e"]), fields["e"]), int(attempts)))
         if foreign:
             self.ack(sink, foreign)
         return claimed

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import threading
 from collections.abc import Mapping
 from typing import Any
 
-from dtmf_service import hookimpl
+from dtmf_service import event_json, hookimpl
 from dtmf_service.config import ConfigError
 
 
@@ -68,14 +67,14 @@ class FileSink:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     def deliver(self, event: dict[str, Any]) -> None:
-        self._write((json.dumps(event, separators=(",", ":")) + "\n").encode(), self.fsync != "never")
+        self._write((event_json(event) + "\n").encode(), self.fsync != "never")
 
     def deliver_many(self, events: list[dict[str, Any]]) -> None:
         if self.fsync == "always":
             for event in events:
                 self.deliver(event)
             return
-        lines = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode()
+        lines = "".join(event_json(e) + "\n" for e in events).encode()
         self._write(lines, self.fsync == "batch")
 
     def close(self) -> None:

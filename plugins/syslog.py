@@ -12,7 +12,6 @@ datagram first and falls back to stream, where each message ends with a newline 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging.handlers
 import os
 import select
@@ -22,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from dtmf_service import hookimpl
+from dtmf_service import event_json, hookimpl
 from dtmf_service.config import ConfigError
 
 _SEVERITY_INFO = 6
@@ -51,7 +50,7 @@ def format_message(priority: int, hostname: str, app_name: str, event: dict[str,
     """One RFC 5424 message; the JSON (ASCII-escaped) is the MSG part."""
     timestamp = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     header = f"<{priority}>1 {timestamp} {hostname} {app_name} {os.getpid()} audit {_NILVALUE} "
-    return (header + json.dumps(event, separators=(",", ":"))).encode("ascii")
+    return (header + event_json(event)).encode("ascii")
 
 
 class SyslogSink:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from typing import Any
 
 import urllib3
 
-from dtmf_service import DeliveryIncomplete, DeliveryRejected, hookimpl
+from dtmf_service import DeliveryIncomplete, DeliveryRejected, event_json, hookimpl
 from dtmf_service.config import ConfigError
 
 _TRY_AGAIN = frozenset({408, 425, 429})
@@ -58,7 +57,7 @@ class WebhookSink:
         return self._pool.urlopen("POST", self.url, body=body, headers=headers, retries=False, redirect=False).status
 
     def deliver(self, event: dict[str, Any]) -> None:
-        status = self._post(json.dumps(event, separators=(",", ":")).encode(), "application/json")
+        status = self._post(event_json(event).encode(), "application/json")
         if _refused(status):
             raise DeliveryRejected(f"webhook refused the event ({status})")
         if not 200 <= status < 300:
@@ -74,7 +73,7 @@ class WebhookSink:
             except Exception:  # noqa: BLE001 - reported to the core as undelivered
                 return chunk, []
             return [], []
-        body = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in chunk).encode()
+        body = "".join(event_json(e) + "\n" for e in chunk).encode()
         try:
             status = self._post(body, "application/x-ndjson")
         except Exception:  # noqa: BLE001
