@@ -200,6 +200,9 @@ class DeliveryEngine:
         rounds = 0
         while not self._stop.wait(_MAINTENANCE_S):
             try:
+                check_file = getattr(self.outbox, "check_file", None)
+                if check_file is not None:
+                    check_file()
                 recovered = self.outbox.recover()
                 if recovered:
                     log.warning("audit: %d request(s) whose worker died were audited as submission_unknown",

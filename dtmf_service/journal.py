@@ -94,26 +94,50 @@ class Journal:
         """Copy ``payload`` into the slot's other half; once this returns it survives the process."""
         if len(payload) > _HALF - _HEAD.size:
             raise JournalFull("the event does not fit a journal slot")
-        assert self._map is not None
-        with self._lock:
+        header_after = zlib.crc32(payload)
+        with self._lock:  # held across the copy: ensure_file() may swap the map underneath
+            assert self._map is not None
             self._sequence += 1
             sequence = self._sequence
             half = self._halves[slot]
             self._halves[slot] = 1 - half
-        base = slot * _SLOT + half * _HALF
-        end = base + _HEAD.size + len(payload)
-        self._map[base + _HEAD.size : end] = payload
-        # The header last: a copy cut short leaves a half whose CRC fails, and the other half stands.
-        self._map[base : base + _HEAD.size] = _HEAD.pack(_MAGIC, state, sequence, len(payload), zlib.crc32(payload))
+            base = slot * _SLOT + half * _HALF
+            self._map[base + _HEAD.size : base + _HEAD.size + len(payload)] = payload
+            # The header last: a copy cut short leaves a half whose CRC fails, and the other half stands.
+            self._map[base : base + _HEAD.size] = _HEAD.pack(_MAGIC, state, sequence, len(payload), header_after)
 
     def release(self, slot: int) -> None:
         """The slot's event is in the outbox: clear both halves and make the slot free again."""
-        assert self._map is not None
         base = slot * _SLOT
-        self._map[base : base + _HEAD.size] = b"\0" * _HEAD.size
-        self._map[base + _HALF : base + _HALF + _HEAD.size] = b"\0" * _HEAD.size
         with self._lock:
+            assert self._map is not None
+            self._map[base : base + _HEAD.size] = b"\0" * _HEAD.size
+            self._map[base + _HALF : base + _HALF + _HEAD.size] = b"\0" * _HEAD.size
             self._free.append(slot)
+
+    def ensure_file(self) -> bool:
+        """If this journal's file was deleted or replaced under us (a clean-up gone wrong), write what
+        the map holds into a new file and carry on there; True when that happened."""
+        with self._lock:
+            if self._map is None or self._pid != os.getpid():
+                return False
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    return False
+            except FileNotFoundError:
+                pass
+            old_map, old_fd = self._map, self._fd
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            path = os.path.join(self.directory, f"journal-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.posix_fallocate(fd, 0, len(old_map))
+            new_map = mmap.mmap(fd, len(old_map))
+            new_map[:] = old_map[:]
+            self._map, self._fd, self.path = new_map, fd, path
+            old_map.close()
+            os.close(old_fd)
+            return True
 
     def sync(self) -> None:
         """msync: survive a machine crash too (AUDIT_OUTBOX_FSYNC); the default relies on the page cache."""

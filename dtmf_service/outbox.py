@@ -120,6 +120,8 @@ class SqliteOutbox:
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._generation = 0  # bumped by close(): every thread then opens a fresh connection
         self._initialise()
+        self._inode = os.stat(path).st_ino
+        self._migrate_lock = threading.Lock()  # the writer's batches versus moving to a new file
         self._fsync = fsync
         self._journal = Journal(os.path.join(directory, "journals"))
         self._writer = _GroupCommit(self)
@@ -292,6 +294,49 @@ class SqliteOutbox:
 
             recovered += bool(self._transaction(move))
         return recovered
+
+    def check_file(self) -> int:
+        """If the outbox file was deleted or replaced at run time, move what this process's
+        connections still see of it (undelivered events, dead letters) into a new file: nothing
+        that was accepted is lost to a clean-up gone wrong. Returns how many events were moved."""
+        self._journal.ensure_file()
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                return 0
+        except FileNotFoundError:
+            pass
+        with self._migrate_lock:
+            old = self._db()
+            pending = old.execute(
+                "SELECT e.event_id, e.created, e.body, p.sink FROM pending p JOIN events e ON e.id = p.event"
+            ).fetchall()
+            dead = old.execute("SELECT * FROM dead_letters").fetchall()
+            dropped = old.execute("SELECT * FROM dropped").fetchall()
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            if not os.path.exists(self.path):
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._generation += 1  # every thread opens the new file from now on
+            self._initialise()
+            self._inode = os.stat(self.path).st_ino
+
+            def refill(db: sqlite3.Connection) -> None:
+                self._set_sinks(db)
+                for event_id, created, body, sink in pending:
+                    db.execute(
+                        "INSERT INTO events (event_id, created, body, only_sink) VALUES (?, ?, ?, ?)",
+                        (event_id, created, body, sink),
+                    )
+                db.executemany("INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?)", dead)
+                db.executemany(
+                    "INSERT INTO dropped VALUES (?, ?) ON CONFLICT(sink) DO UPDATE SET count=count+excluded.count",
+                    dropped,
+                )
+
+            self._transaction(refill)
+        log.error("audit outbox %s was deleted or replaced at run time: %d undelivered event(s) moved into a new one",
+                  self.path, len(pending))  # fmt: skip
+        return len(pending)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every final event of this process is in SQLite (shutdown, tests)."""
@@ -533,7 +578,8 @@ class _GroupCommit:
                     self._cond.wait(_LINGER_S)
                 batch, self._queue = self._queue[:512], self._queue[512:]
             try:
-                self._outbox._write_batch(batch)
+                with self._outbox._migrate_lock:
+                    self._outbox._write_batch(batch)
             except Exception:  # noqa: BLE001 - find out which write failed: each alone
                 for item in batch:
                     try:

@@ -237,13 +237,13 @@ def test_file_sink_on_a_full_disk_keeps_whole_lines_and_loses_nothing(
     assert metrics(gateway.url)["audit_dropped"] == 0
 
 
-def test_a_spool_folder_deleted_at_run_time_is_recreated(tmp_path, gateway_env, sim_url, start_gunicorn):
+def test_an_outbox_folder_deleted_at_run_time_loses_nothing(tmp_path, gateway_env, sim_url, start_gunicorn):
     import shutil
 
     from tests.helpers import WebhookReceiver
 
     receiver = WebhookReceiver().start()
-    receiver.stop()  # down: events go to the spool
+    receiver.stop()  # down: events wait in the outbox
     env = {
         **gateway_env,
         **dialect_env("tutorial", sim_url),
@@ -253,10 +253,13 @@ def test_a_spool_folder_deleted_at_run_time_is_recreated(tmp_path, gateway_env, 
         "DTMF_AUDIT_BACKOFF_MAX_S": "0.5",
     }
     gateway = start_gunicorn(env, workers=2)
-    shutil.rmtree(gateway_env["DTMF_AUDIT_SPOOL_DIR"])
-    for _ in range(10):
+    for _ in range(5):
         assert requests.post(f"{gateway.url}/api/dtmf/parse", json=VALID, timeout=10).status_code == 200
-    wait_until(lambda: metrics(gateway.url)["audit_pending"] == 10, timeout=15)
+    wait_until(lambda: metrics(gateway.url)["audit_pending"] == 5, timeout=15)
+    shutil.rmtree(gateway_env["DTMF_AUDIT_SPOOL_DIR"])  # outbox, its WAL and the journals, with 5 undelivered
+    for _ in range(5):
+        assert requests.post(f"{gateway.url}/api/dtmf/parse", json=VALID, timeout=10).status_code == 200
+    wait_until(lambda: (metrics(gateway.url)["audit_pending"] or 0) >= 10, timeout=15)
     receiver.start()
     try:
         wait_until(lambda: len(set(receiver.ids())) == 10, timeout=30, interval=0.2)

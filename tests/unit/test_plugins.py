@@ -231,6 +231,7 @@ def test_third_party_plugin_through_its_entry_point(tmp_path):
                           "AUDIT_SPOOL_DIR": {str(tmp_path / "s")!r},
                           "IDEMPOTENCY_STORE": "sqlite:///{tmp_path / "i.db"}"}})
         r = app.test_client().post("/api/dtmf/parse", json={VALID!r})
+        app.extensions["dtmf"].delivery.flush(5)
         app.extensions["dtmf"].close(5)
     """)
     out = subprocess.run(
