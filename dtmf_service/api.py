@@ -187,6 +187,24 @@ def metrics() -> Response:
     return json_response(snapshot)
 
 
+@bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    """The Prometheus exposition (CONTRACT.md section 11), protected like /api/metrics."""
+    gw = gateway()
+    if not gw.config["METRICS_PUBLIC"]:
+        denied = gw.authenticate(request)
+        if denied is not None:
+            return denied
+    exporter = gw.exporters.get("prometheus")
+    if exporter is None:
+        return error_response(404, "invalid_request", "the 'prometheus' metrics exporter is not enabled")
+    return Response(exporter.render(gw.core_figures()), mimetype=None, content_type=exporter_content_type())
+
+
+def exporter_content_type() -> str:
+    return "text/plain; version=0.0.4; charset=utf-8"
+
+
 @bp.get("/healthz")
 def healthz() -> Response:
     gw = gateway()

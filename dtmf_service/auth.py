@@ -42,8 +42,10 @@ class TokenCache:
         fetch: Callable[[float], tuple[str, float]],
         margin_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        on_fetch: Callable[[str], None] = lambda result: None,
     ) -> None:
         self._fetch = fetch
+        self._on_fetch = on_fetch  # each fetch's result: ok or error (dtmf_cxone_token_fetches_total)
         self._margin_s = margin_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -88,6 +90,7 @@ class TokenCache:
             flight.error = exc
         except Exception as exc:  # noqa: BLE001 - never let one thread's surprise strand the waiters
             flight.error = TokenError(f"token request failed ({type(exc).__name__})")
+        self._on_fetch("error" if flight.error is not None else "ok")
         with self._lock:
             if flight.token is not None:
                 self._token = flight.token

@@ -41,6 +41,13 @@ class SubmitResult:
     retry_after_s: int | None = None
 
 
+def attempt_result(status: int) -> str:
+    """The ``result`` label of dtmf_cxone_attempts_total for an answered attempt."""
+    if status == 429:
+        return "429"
+    return f"{min(max(status // 100, 1), 5)}xx"
+
+
 class CXoneClient:
     """Submits digits to CXone through a dialect, with token reuse and backoff."""
 
@@ -54,6 +61,7 @@ class CXoneClient:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        on_attempt: Callable[[str], None] = lambda result: None,
     ) -> None:
         self._dialect = dialect
         self._transport = transport
@@ -62,6 +70,7 @@ class CXoneClient:
         self._clock = clock
         self._wall_clock = wall_clock
         self._rand = rand
+        self._on_attempt = on_attempt  # each DTMF POST's result: 2xx, 4xx, 429, 5xx, not_sent, unknown
         self._max_attempts = int(config["CXONE_MAX_ATTEMPTS"])
         self._base_s = float(config["CXONE_BACKOFF_BASE_S"])
         self._max_s = float(config["CXONE_BACKOFF_MAX_S"])
@@ -88,9 +97,11 @@ class CXoneClient:
             try:
                 response = self._post(url, body, token, extra, hard_deadline - self._clock())
             except NotSent:
+                self._on_attempt("not_sent")
                 last = (None, None, None)
                 wait = backoff_delay(retries, self._base_s, self._max_s, self._rand)
             except Unknown:
+                self._on_attempt("unknown")
                 return SubmitResult(
                     504,
                     "submission_unknown",
@@ -102,6 +113,7 @@ class CXoneClient:
                 )
             else:
                 status, text = response.status, response.text[:RESPONSE_EXCERPT_CHARS]
+                self._on_attempt(attempt_result(status))
                 last = (status, text, response.headers.get("Retry-After"))
                 if 200 <= status < 300:
                     return SubmitResult(200, "dtmf_submitted", status, text, attempts)

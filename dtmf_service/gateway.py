@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dtmf_service")
 
 CORE_COUNTERS = ("successful_parses", "validation_failures", "submission_failures", "latency_ms_sum")
+ATTEMPT_RESULTS = ("2xx", "4xx", "429", "5xx", "not_sent", "unknown")
 
 
 class Gateway:
@@ -50,8 +51,18 @@ class Gateway:
             )
         )
         dialect = make_dialect(config, self.transport)
-        self.tokens = TokenCache(dialect.fetch_token, margin_s=float(config["CXONE_TOKEN_REFRESH_MARGIN_S"]))
-        self.client = CXoneClient(config, dialect, self.transport, self.tokens)
+        tokens = TokenCache(
+            dialect.fetch_token,
+            margin_s=float(config["CXONE_TOKEN_REFRESH_MARGIN_S"]),
+            on_fetch=lambda result: self.counters.inc(f"cxone_token_fetches.{result}"),
+        )
+        self.client = CXoneClient(
+            config,
+            dialect,
+            self.transport,
+            tokens,
+            on_attempt=lambda result: self.counters.inc(f"cxone_attempts.{result}"),
+        )
         self.redactor = Redactor(config)
         self._api_keys = [k.encode() for k in config["API_KEYS"]]
         if not config.get("METRICS_DIR"):
@@ -59,6 +70,8 @@ class Gateway:
             config["METRICS_DIR"] = tempfile.mkdtemp(prefix="dtmf-metrics-")
         self.counters = shared_metrics.shared_counters(config["METRICS_DIR"])
         self.counters.declare(CORE_COUNTERS)
+        self.counters.declare([f"cxone_attempts.{r}" for r in ATTEMPT_RESULTS])
+        self.counters.declare([f"cxone_token_fetches.{r}" for r in ("ok", "error")])
         self.plugins = build_plugin_manager(config)
         reject_unknown(config, plugin_config_keys(self.plugins))
         self.exporters = resolve(self.plugins, "exporter", config["METRICS_EXPORTERS"], config)
@@ -177,6 +190,17 @@ class Gateway:
         snapshot["idempotency_store_errors"] = int(totals.get("idempotency_store_errors", 0))
         snapshot["audit_outbox_errors"] = int(totals.get("audit_outbox_errors", 0))
         return snapshot
+
+    def core_figures(self) -> dict[str, Any]:
+        """Figures only the core knows, for exporters that serve them (Prometheus): CXone attempts and
+        token fetches by result (exact across workers), and the audit backlog per sink."""
+        totals = self.counters.totals()
+        audit = self.delivery.metrics(totals)["audit_sinks"] if self.delivery is not None else {}
+        return {
+            "cxone_attempts": {r: int(totals.get(f"cxone_attempts.{r}", 0)) for r in ATTEMPT_RESULTS},
+            "cxone_token_fetches": {r: int(totals.get(f"cxone_token_fetches.{r}", 0)) for r in ("ok", "error")},
+            "audit_sinks": audit,
+        }
 
     def openapi_document(self) -> dict[str, Any]:
         if self._openapi is None:

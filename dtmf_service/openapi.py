@@ -124,6 +124,23 @@ def build_document(config: Mapping[str, Any]) -> dict[str, Any]:
         },
     )
     spec.path(
+        path="/metrics",
+        operations={
+            "get": {
+                "summary": "Prometheus text format, exact across every worker (with METRICS_EXPORTERS=prometheus)",
+                "security": metrics_security,
+                "responses": {
+                    "200": {
+                        "description": "Prometheus exposition format 0.0.4",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "401": unauthorized,
+                    "404": _json("Error", "the prometheus exporter is not enabled"),
+                },
+            }
+        },
+    )
+    spec.path(
         path="/healthz",
         operations={"get": {"summary": "Liveness; no upstream call", "responses": {"200": _json("Health", "ok")}}},
     )

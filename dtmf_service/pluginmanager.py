@@ -21,7 +21,7 @@ log = logging.getLogger("dtmf_service")
 # The built-in plugins ship in the repository's plugins/ folder, installed as
 # dtmf_service.builtin_plugins (setup.cfg package_dir) so that the generic
 # top-level name "plugins" never has to be importable in site-packages.
-DEFAULT_PLUGINS = ("memory", "statsd", "file", "webhook", "syslog")
+DEFAULT_PLUGINS = ("memory", "statsd", "prometheus", "file", "webhook", "syslog")
 
 
 def _import_builtin(name: str) -> Any:

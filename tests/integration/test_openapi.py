@@ -14,7 +14,7 @@ def test_document_is_openapi_31_with_every_response(client):
     assert document["openapi"] == "3.1.0"
     responses = document["paths"]["/api/dtmf/parse"]["post"]["responses"]
     assert {"200", "400", "401", "404", "413", "415", "500", "502", "503", "504"} <= set(responses)
-    assert set(document["paths"]) == {"/api/dtmf/parse", "/api/metrics", "/healthz", "/api/openapi.json"}
+    assert set(document["paths"]) == {"/api/dtmf/parse", "/api/metrics", "/metrics", "/healthz", "/api/openapi.json"}
 
 
 def test_request_schema_comes_from_the_validating_schema(client):
