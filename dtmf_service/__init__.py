@@ -51,6 +51,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
             x_prefix=0,
         )
     register_error_handlers(app)
+    from .cli import register as register_cli
+
+    register_cli(app)
     # No redirects, ever (CONTRACT.md section 2): "//api/dtmf/parse" is 404, not a 308 whose Location
     # is built from the caller's Host header; OPTIONS is 405 like any other method a route lacks.
     app.url_map.merge_slashes = False
