@@ -30,6 +30,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
     from .deadlines import request_read_done
     from .errors import error_response, register_error_handlers
     from .gateway import Gateway
+    from .tracing import trace_from_header
 
     app = Flask(__name__)
     if test_config is None:
@@ -71,6 +72,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
         supplied = request.headers.get("X-Request-ID", "")
         ok = 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable()
         g.request_id = supplied if ok else uuid.uuid4().hex
+        g.trace_id, g.trace_flags = trace_from_header(request.headers.get("traceparent"))
+        request.environ["dtmf.trace_id"] = g.trace_id  # for the access log
 
     @app.after_request
     def _echo_request_id(response: Any) -> Any:

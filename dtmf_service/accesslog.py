@@ -31,6 +31,7 @@ def access_record(resp: Any, environ: dict[str, Any], request_time: dt.timedelta
         "bytes": getattr(resp, "sent", None),
         "duration_ms": round(request_time.total_seconds() * 1000, 3),
         "user_agent": environ.get("HTTP_USER_AGENT"),
+        "trace_id": environ.get("dtmf.trace_id"),
     }
 
 

@@ -17,6 +17,7 @@ from .errors import error_response, json_response, log_exception
 from .gateway import Gateway
 from .idempotency import valid_key
 from .schemas import DTMFRequestSchema, summarise
+from .tracing import child_traceparent
 
 log = logging.getLogger("dtmf_service")
 bp = Blueprint("dtmf", __name__)
@@ -129,7 +130,8 @@ def _process(gw: Gateway, attempt: Attempt, started: float) -> tuple[Response, b
 
 def _submit(gw: Gateway, attempt: Attempt, valid: dict[str, Any], started: float) -> Response:
     gw.intend(attempt, client_ip=request.remote_addr)  # durable before any byte goes to CXone
-    result = gw.client.submit(valid["interaction_id"], valid["digits"], valid["timeout_ms"], attempt.event_id)
+    trace = {"traceparent": child_traceparent(g.trace_id, g.trace_flags)}
+    result = gw.client.submit(valid["interaction_id"], valid["digits"], valid["timeout_ms"], attempt.event_id, trace)
     attempt.outcome = result.status
     attempt.cxone_status = result.cxone_status
     attempt.cxone_response = result.cxone_response
@@ -146,8 +148,9 @@ def _submit(gw: Gateway, attempt: Attempt, valid: dict[str, Any], started: float
             }
         )
     log.warning(
-        "request %s: %s (http %d, cxone_status %s, attempts %d): %s",
+        "request %s trace %s: %s (http %d, cxone_status %s, attempts %d): %s",
         g.get("request_id"),
+        g.get("trace_id"),
         result.status,
         result.http_status,
         result.cxone_status,

@@ -76,8 +76,16 @@ class CXoneClient:
         self._max_s = float(config["CXONE_BACKOFF_MAX_S"])
         self._read_s = float(config["CXONE_READ_TIMEOUT_S"])
 
-    def submit(self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str) -> SubmitResult:
-        """Send the digits; never raises for upstream trouble."""
+    def submit(
+        self,
+        interaction_id: str,
+        digits: str,
+        timeout_ms: int,
+        correlation_id: str,
+        headers: dict[str, str] | None = None,
+    ) -> SubmitResult:
+        """Send the digits; never raises for upstream trouble. ``headers`` go on every DTMF POST
+        (trace context)."""
         started = self._clock()
         deadline = started + self._dialect.retry_budget_s(timeout_ms)  # no wait may end past this
         hard_deadline = deadline + self._read_s  # nothing at all ends past this
@@ -95,7 +103,7 @@ class CXoneClient:
                 return self._failed(502, None, last[1], attempts, str(exc))
             attempts += 1
             try:
-                response = self._post(url, body, token, extra, hard_deadline - self._clock())
+                response = self._post(url, body, token, {**extra, **(headers or {})}, hard_deadline - self._clock())
             except NotSent:
                 self._on_attempt("not_sent")
                 last = (None, None, None)

@@ -97,6 +97,7 @@ def build_event(
     redactor: Redactor,
     request_id: str | None = None,
     event_id: str | None = None,
+    trace_id: str | None = None,
 ) -> dict[str, Any]:
     """The audit event of CONTRACT.md section 7.
 
@@ -134,6 +135,8 @@ def build_event(
     }
     if request_id is not None:
         event["request_id"] = request_id
+    if trace_id is not None:
+        event["trace_id"] = trace_id  # W3C trace id: the caller's, or one this request started
     return event
 
 

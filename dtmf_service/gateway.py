@@ -126,6 +126,7 @@ class Gateway:
             redactor=self.redactor,
             request_id=g.get("request_id"),
             event_id=attempt.event_id,
+            trace_id=g.get("trace_id"),
         )
 
     def intend(self, attempt: Attempt, client_ip: str | None) -> None:

@@ -22,6 +22,7 @@ import urllib3
 
 from dtmf_service import DeliveryIncomplete, DeliveryRejected, event_json, hookimpl
 from dtmf_service.config import ConfigError
+from dtmf_service.tracing import child_traceparent
 
 _TRY_AGAIN = frozenset({408, 425, 429})
 
@@ -50,14 +51,16 @@ class WebhookSink:
         self._executor: ThreadPoolExecutor | None = None
         self._pid: int | None = None
 
-    def _post(self, body: bytes, content_type: str) -> int:
+    def _post(self, body: bytes, content_type: str, trace_id: str | None = None) -> int:
         headers = {"Content-Type": content_type, "User-Agent": "dtmf-gateway-audit"}
+        if trace_id:
+            headers["traceparent"] = child_traceparent(trace_id)  # one event: its request's trace
         if self.secret:
             headers["X-DTMF-Signature"] = signature(self.secret, int(time.time()), body)
         return self._pool.urlopen("POST", self.url, body=body, headers=headers, retries=False, redirect=False).status
 
     def deliver(self, event: dict[str, Any]) -> None:
-        status = self._post(event_json(event).encode(), "application/json")
+        status = self._post(event_json(event).encode(), "application/json", event.get("trace_id"))
         if _refused(status):
             raise DeliveryRejected(f"webhook refused the event ({status})")
         if not 200 <= status < 300:

@@ -49,7 +49,7 @@ def test_every_access_log_line_is_json_whatever_the_caller_sends(tmp_path, gatew
     gateway = start_gunicorn(env, workers=1)  # one writer: lines in request order
     nasty = [
         ("/api/dtmf/parse%0A%7B%22forged%22%3A1%7D", {"User-Agent": "ua"}),
-        ("/healthz", {"User-Agent": "trailing backslash \\"}),
+        ("/healthz", {"User-Agent": "trailing backslash \\", "traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"}),
         ("/healthz", {"X-Request-ID": "rid\\", "User-Agent": 'quote " and \\" mix'}),
         ("/api/metrics%22%2C%22status%22%3A200", {"User-Agent": "tab\there"}),
     ]
@@ -69,7 +69,7 @@ def test_every_access_log_line_is_json_whatever_the_caller_sends(tmp_path, gatew
     assert len(records) == len(nasty)  # no forged extra line
     by_agent = {r["user_agent"]: r for r in records}  # threads may write their lines in any order
     assert by_agent["ua"]["path"] == '/api/dtmf/parse\n{"forged":1}'
-    assert "trailing backslash \\" in by_agent
+    assert by_agent["trailing backslash \\"]["trace_id"] == "ab" * 16  # the caller's trace, followed
     assert by_agent['quote " and \\" mix']["request_id"] == "rid\\"
     assert all(set(r) >= {"remote", "method", "path", "status", "duration_ms"} for r in records)
 

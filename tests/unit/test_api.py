@@ -292,3 +292,21 @@ def test_an_event_that_cannot_be_built_is_still_recorded(make_app, tmp_path, mon
     assert app.test_client().get("/api/metrics").get_json()["successful_parses"] == 1
     app.extensions["dtmf"].delivery.flush(5)
     assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 1
+
+
+def test_trace_context_reaches_cxone_and_the_audit_event(make_app, tmp_path):
+    app = make_app(AUDIT_SINKS=["file"], AUDIT_FILE_PATH=str(tmp_path / "audit.jsonl"))
+    client = app.test_client()
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    sent = client.post("/api/dtmf/parse", json=VALID, headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
+    assert sent.status_code == 200
+    started = client.post("/api/dtmf/parse", json=VALID)  # no header: a new trace
+    broken = client.post("/api/dtmf/parse", json=VALID, headers={"traceparent": f"00-{'0' * 32}-00f067aa0ba902b7-01"})
+    assert started.status_code == broken.status_code == 200
+    upstream = [r["headers"]["traceparent"] for r in app.extensions["dtmf"].simulator.seen("dtmf")]
+    assert upstream[0].startswith(f"00-{trace}-") and not upstream[0].endswith("-00f067aa0ba902b7-01")
+    assert all(len(value.split("-")[1]) == 32 for value in upstream)
+    assert upstream[2].split("-")[1] != "0" * 32
+    app.extensions["dtmf"].delivery.flush(5)
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [e["trace_id"] for e in events] == [value.split("-")[1] for value in upstream]

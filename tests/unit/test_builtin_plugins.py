@@ -295,3 +295,9 @@ def test_webhook_refusal_for_good_is_a_4xx_other_than_408_425_429(receiver, stat
     receiver.status = status
     with pytest.raises(DeliveryRejected if rejected else RuntimeError):
         WebhookSink(receiver.url, 5.0, None).deliver(make_event())
+
+
+def test_webhook_carries_the_events_trace_context(receiver):
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    WebhookSink(receiver.url, 5.0, None).deliver({**make_event(), "trace_id": trace})
+    assert receiver.headers[0]["traceparent"].startswith(f"00-{trace}-")

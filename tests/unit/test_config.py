@@ -138,8 +138,8 @@ def test_unknown_sink_name_stops_start_up(base_config):
 
 
 def test_unknown_exporter_name_stops_start_up(base_config):
-    with pytest.raises(cfg.ConfigError, match="METRICS_EXPORTERS: no plugin provides 'prometheus'"):
-        create_app({**base_config, "METRICS_EXPORTERS": ["prometheus"]})
+    with pytest.raises(cfg.ConfigError, match="METRICS_EXPORTERS: no plugin provides 'graphite'"):
+        create_app({**base_config, "METRICS_EXPORTERS": ["graphite"]})
 
 
 def test_app_import_prints_one_line_and_exits_4_on_bad_config():
