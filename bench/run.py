@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         # The default gunicorn.conf.py; audit off, then webhook (batches of 50) + file + statsd, then the
         # same with one event per webhook POST (the default AUDIT_WEBHOOK_BATCH_MAX=1).
         delays, connection_counts = [50], [64]
-        targets = ["gateway", "audit-batch50", "audit-per-event"]
+        targets = ["gateway", "prometheus", "audit-batch50", "audit-per-event"]
     workdir = Path(tempfile.mkdtemp(prefix="dtmf-bench-"))
     syslog, statsd = UdpDrain(), UdpDrain()
     runs: dict[tuple[str, int, int], list[Result]] = {}
@@ -264,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
                         "gateway+plugins": (
                             "app:app",
                             {**common, **gateway_env(base, workdir, "on", receiver_port, syslog.port, statsd.port)},
+                        ),
+                        "prometheus": (
+                            "app:app",
+                            {
+                                **common,
+                                **gateway_env(base, workdir, "off"),
+                                "DTMF_METRICS_EXPORTERS": "memory,prometheus",
+                            },
                         ),
                         "audit-batch50": (
                             "app:app",
@@ -535,6 +543,10 @@ def targets_met(
         checks.append((f"{target}: CPU/req <= audit off + 0.4 ms", f"+{extra:.2f} ms", extra <= 0.4 or not strict))
         if strict:
             checks.append(("stretch: audit-on req/s above 1.5 x 450 (675)", f"{on.rps:.0f}", on.rps > 675))
+    prom = by.get(("prometheus", 50, 64))
+    if off is not None and prom is not None:
+        extra = prom.cpu_ms_per_request - off.cpu_ms_per_request
+        checks.append(("prometheus exporter: CPU/req < audit off + 0.1 ms (issue 12)", f"+{extra:.2f} ms", extra < 0.1))
     drains = [r.audit_drain_s for r in results if r.target == "gateway+plugins" or r.target.startswith("audit")]
     if drains:
         worst = max(d if d is not None else float("inf") for d in drains)

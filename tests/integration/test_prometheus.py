@@ -4,7 +4,9 @@ prometheus runs in the foreground with its own config and data dir on a free loo
 machine's own service is never touched.
 """
 
+import os
 import shutil
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +67,16 @@ def test_metrics_are_exact_across_workers_and_pass_promtool(gateway):
     assert samples['dtmf_cxone_token_fetches_total{result="ok"}'] >= 1
     assert 'dtmf_audit_pending{sink="webhook"}' in samples
     assert 'dtmf_audit_oldest_pending_seconds{sink="webhook"}' in samples
+    # kill -9 of a worker: its counts stay in the totals, the new worker's add to them.
+    victim = gateway.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in gateway.worker_pids() and len(gateway.worker_pids()) == 4, timeout=20)
+    more = send(gateway.url, 40)
+    after = requests.get(f"{gateway.url}/metrics", timeout=10).text
+    total = sum(
+        float(line.rpartition(" ")[2]) for line in after.splitlines() if line.startswith("dtmf_requests_total{")
+    )
+    assert total == len(statuses) + len(more)
 
 
 def test_a_real_prometheus_scrapes_four_workers_and_answers_queries(tmp_path, gateway):
