@@ -177,13 +177,17 @@ def _elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 3)
 
 
+def _metrics_denied(gw: Gateway) -> Response | None:
+    """Both metrics endpoints need the API key unless METRICS_PUBLIC=true."""
+    return None if gw.config["METRICS_PUBLIC"] else gw.authenticate(request)
+
+
 @bp.get("/api/metrics")
 def metrics() -> Response:
     gw = gateway()
-    if not gw.config["METRICS_PUBLIC"]:
-        denied = gw.authenticate(request)
-        if denied is not None:
-            return denied
+    denied = _metrics_denied(gw)
+    if denied is not None:
+        return denied
     snapshot = gw.metrics_snapshot()
     if snapshot is None:
         return error_response(404, "invalid_request", "the 'memory' metrics exporter is not enabled")
@@ -194,18 +198,13 @@ def metrics() -> Response:
 def prometheus_metrics() -> Response:
     """The Prometheus exposition (CONTRACT.md section 11), protected like /api/metrics."""
     gw = gateway()
-    if not gw.config["METRICS_PUBLIC"]:
-        denied = gw.authenticate(request)
-        if denied is not None:
-            return denied
+    denied = _metrics_denied(gw)
+    if denied is not None:
+        return denied
     exporter = gw.exporters.get("prometheus")
     if exporter is None:
         return error_response(404, "invalid_request", "the 'prometheus' metrics exporter is not enabled")
-    return Response(exporter.render(gw.core_figures()), mimetype=None, content_type=exporter_content_type())
-
-
-def exporter_content_type() -> str:
-    return "text/plain; version=0.0.4; charset=utf-8"
+    return Response(exporter.render(gw.core_figures()), content_type=exporter.content_type)
 
 
 @bp.get("/healthz")

@@ -33,6 +33,7 @@ from typing import Any
 from flask import Response
 
 from .errors import error_response
+from .sqlite_wal import initialise
 
 log = logging.getLogger("dtmf_service")
 
@@ -294,32 +295,18 @@ class SqliteStore:
         with open(key_path, "rb") as handle:
             return handle.read().strip()
 
-    def _initialise(self, patience_s: float = 15.0) -> None:
-        """WAL mode and the table, once per file. Workers booting at the same moment race for the
-        exclusive lock the WAL switch takes, and SQLite answers "locked" without waiting: retry."""
-        deadline = time.monotonic() + patience_s
-        delay = 0.01
-        while True:
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            try:
-                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    db.execute("PRAGMA journal_mode=WAL")
-                db.execute(
-                    "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
-                    " state TEXT NOT NULL, status INTEGER, body TEXT, headers TEXT, expires REAL NOT NULL,"
-                    " lease REAL)"
-                )
-                columns = {row[1] for row in db.execute("PRAGMA table_info(idempotency)")}
-                if "lease" not in columns:  # a store made by an earlier version
-                    db.execute("ALTER TABLE idempotency ADD COLUMN lease REAL")
-                return
-            except sqlite3.OperationalError:
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-            finally:
-                db.close()
+    def _initialise(self) -> None:
+        def schema(db: sqlite3.Connection) -> None:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
+                " state TEXT NOT NULL, status INTEGER, body TEXT, headers TEXT, expires REAL NOT NULL,"
+                " lease REAL)"
+            )
+            columns = {row[1] for row in db.execute("PRAGMA table_info(idempotency)")}
+            if "lease" not in columns:  # a store made by an earlier version
+                db.execute("ALTER TABLE idempotency ADD COLUMN lease REAL")
+
+        initialise(self.path, schema)
 
     def _connect(self) -> sqlite3.Connection:
         # One connection per thread and per process: sqlite connections survive neither sharing nor fork.

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from .events import AuditEvent
 from .journal import FINAL, INTENT, Journal, JournalFull, recover_orphans
 from .metrics import pid_alive
+from .sqlite_wal import initialise, retry_busy
 
 log = logging.getLogger("dtmf_service.audit")
 
@@ -130,33 +131,20 @@ class SqliteOutbox:
             self._transaction(lambda db: self._set_sinks(db))
 
     # -- connections ---------------------------------------------------------------------------
-    def _initialise(self, patience_s: float = 15.0) -> None:
-        deadline = time.monotonic() + patience_s
-        delay = 0.01
-        while True:
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            try:
-                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    db.execute("PRAGMA journal_mode=WAL")
-                for statement in _SCHEMA:
-                    db.execute(statement)
-                return
-            except sqlite3.OperationalError:
-                # Workers booting together race for the WAL switch's exclusive lock: try again.
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-            finally:
-                db.close()
+    def _initialise(self) -> None:
+        def schema(db: sqlite3.Connection) -> None:
+            for statement in _SCHEMA:
+                db.execute(statement)
+
+        initialise(self.path, schema)
 
     def _db(self) -> sqlite3.Connection:
         # One connection per thread and per process: SQLite connections survive neither sharing nor fork.
         owner = (os.getpid(), threading.get_ident(), self._generation)
         db = getattr(self._local, "db", None)
         if db is None or getattr(self._local, "owner", None) != owner:
-            # No busy timeout: SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ms and more
-            # while the lock is usually free again after a fraction of a millisecond (_begin retries).
+            # No busy timeout: retry_busy waits half a millisecond at a time instead of SQLite's
+            # sleeps of several milliseconds.
             db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             # The same few tail pages change with every write: checkpoint them less often (a WAL of up
@@ -174,22 +162,11 @@ class SqliteOutbox:
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         """One statement, atomic on its own (autocommit), retried while another writer holds the lock."""
         db = self._db()
-        deadline = 0.0
-        while True:
-            try:
-                return db.execute(sql, params)
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                now = time.monotonic()
-                deadline = deadline or now + _BUSY_PATIENCE_S
-                if now > deadline:
-                    raise
-                time.sleep(0.0005)
+        return retry_busy(lambda: db.execute(sql, params))
 
     def _transaction(self, work: Any) -> Any:
         db = self._db()
-        _begin(db)
+        retry_busy(lambda: db.execute("BEGIN IMMEDIATE"))
         try:
             result = work(db)
             db.execute("COMMIT")
@@ -505,27 +482,8 @@ class SqliteOutbox:
                 pass
 
 
-_BUSY_PATIENCE_S = 10.0
 _LINGER_S = 0.01  # how long journaled events wait to be moved into SQLite together
 _EAGER_BATCH = 64
-
-
-def _begin(db: sqlite3.Connection) -> None:
-    """BEGIN IMMEDIATE, retried every half millisecond while another writer holds the lock (in WAL
-    mode only beginning a write can be refused: readers never block and the commit needs no more)."""
-    deadline = 0.0
-    while True:
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            now = time.monotonic()
-            deadline = deadline or now + _BUSY_PATIENCE_S
-            if now > deadline:
-                raise
-            time.sleep(0.0005)
 
 
 class _GroupCommit:

@@ -35,6 +35,8 @@ _COUNTED = frozenset(
 class PrometheusExporter:
     """Counts each request and observes its duration; renders the whole host's figures on scrape."""
 
+    content_type = CONTENT_TYPE
+
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self._own = CollectorRegistry()  # this process's values when not in multiprocess mode

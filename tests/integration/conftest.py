@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.helpers import Gunicorn, RedisServer
+from tests.helpers import Gunicorn, RedisServer, WebhookReceiver
 
 
 def dialect_env(dialect, sim_url):
@@ -62,3 +62,11 @@ def redis_server(tmp_path):
 @pytest.fixture
 def redis_url(redis_server):
     return redis_server.url
+
+
+@pytest.fixture
+def webhook():
+    """A real webhook receiver on a free loopback port."""
+    receiver = WebhookReceiver().start()
+    yield receiver
+    receiver.stop()

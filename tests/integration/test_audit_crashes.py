@@ -15,17 +15,10 @@ import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import Gunicorn, WebhookReceiver, read_jsonl, wait_until
+from tests.helpers import Gunicorn, read_jsonl, wait_until
 from tests.integration.conftest import dialect_env
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def webhook():
-    receiver = WebhookReceiver().start()
-    yield receiver
-    receiver.stop()
 
 
 def audit_env(tmp_path, gateway_env, sim_url, webhook, **extra):

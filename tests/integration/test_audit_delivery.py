@@ -11,17 +11,10 @@ import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import Gunicorn, UdpReceiver, WebhookReceiver, post, wait_until
+from tests.helpers import Gunicorn, UdpReceiver, post, wait_until
 from tests.integration.conftest import dialect_env
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def webhook():
-    receiver = WebhookReceiver().start()
-    yield receiver
-    receiver.stop()
 
 
 @pytest.fixture

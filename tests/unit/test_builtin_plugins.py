@@ -99,6 +99,21 @@ def test_file_sink_follows_rotation(tmp_path):
     assert len(path.read_text().splitlines()) == 1
 
 
+def collect_stream(listener):
+    """Accept one connection on ``listener`` and collect what it sends until it closes."""
+    received = bytearray()
+
+    def accept():
+        conn, _ = listener.accept()
+        with conn:
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    return thread, received
+
+
 RFC5424 = re.compile(
     r"^<(?P<pri>\d+)>1 (?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z) (?P<host>\S+) (?P<app>\S+)"
     r" (?P<pid>\d+) audit - (?P<msg>\{.*\})$"
@@ -131,16 +146,7 @@ def test_syslog_tcp_octet_counted_and_facility_configurable():
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    received = bytearray()
-
-    def accept():
-        conn, _ = listener.accept()
-        with conn:
-            while chunk := conn.recv(65536):
-                received.extend(chunk)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+    thread, received = collect_stream(listener)
     sink = SyslogSink(f"tcp://127.0.0.1:{listener.getsockname()[1]}", "auth")
     events = [make_event(), {**make_event(), "cxone_response": "line one\nline two"}]
     for event in events:
@@ -181,16 +187,7 @@ def test_syslog_unix_stream_socket_as_syslog_ng_listens(tmp_path):
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen()
-    received = bytearray()
-
-    def accept():
-        conn, _ = server.accept()
-        with conn:
-            while chunk := conn.recv(65536):
-                received.extend(chunk)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+    thread, received = collect_stream(server)
     sink = SyslogSink(path, "local0")
     events = [make_event(), make_event()]
     for event in events:
