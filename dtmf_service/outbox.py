@@ -1,22 +1,27 @@
-"""The audit outbox: every event is durable here before its response leaves the worker (CONTRACT.md section 7).
+"""The audit outbox: where every event waits until each sink has it (CONTRACT.md section 7).
 
 One outbox for every sink, shared by every process of the host (SQLite in WAL mode, the default)
 or of the fleet (Redis Streams, ``outbox_redis.py``). The request path writes; the delivery side
 (delivery.py) claims, delivers and acknowledges:
 
-- ``intend(event)`` before the DTMF POST: a placeholder whose outcome is ``submission_unknown``,
-  with a lease longer than any request. ``commit(event)`` writes the final event and drops the
-  placeholder in one transaction. A worker killed in between leaves the placeholder behind, and
-  ``recover()`` turns it into an event once its process is gone or its lease has lapsed: a request
-  that may have reached CXone is always audited.
+- ``intend(event)`` before the DTMF POST: a placeholder (outcome ``submission_unknown``) copied
+  into the process's journal (journal.py), durable against any process crash when it returns.
+  ``commit(event, ticket)`` puts the final event in the same slot, and a writer thread moves it
+  into SQLite in the background. ``recover()`` takes over the journals of dead processes:
+  placeholders become events, so a request that may have reached CXone is always audited.
+  Without journal room both go through SQLite and wait for the commit (placeholders then carry a
+  lease and lapse into events when it runs out).
 - ``claim(sink, n)`` leases up to ``n`` events of one sink to this process; an event claimed by a
   process that died is claimed again once the lease lapses. ``ack`` removes them for that sink,
   ``retry`` puts them back after a delay, ``dead_letter`` sets a permanently refused one aside.
 - The size bound (AUDIT_SPOOL_MAX_MB) drops the oldest events, counted per sink.
 
 SQLite with synchronous=NORMAL survives any process crash (the WAL is in the kernel's page cache);
-AUDIT_OUTBOX_FSYNC=true (synchronous=FULL) also survives a machine crash, at the cost of an fsync
-per request.
+AUDIT_OUTBOX_FSYNC=true (synchronous=FULL, and msync of the journal) also survives a machine crash.
+
+Longer than the project's usual module: the SQLite outbox, its group-commit writer and its file
+recovery are one unit that share the connection rules and the write lock; splitting them would
+spread those rules over several files.
 """
 
 from __future__ import annotations
