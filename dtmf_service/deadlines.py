@@ -17,6 +17,8 @@ import socket
 import threading
 import time
 
+_TICK_S = 0.05
+
 
 class Alarm:
     """One armed deadline; ``fired`` tells the owner its socket was cut."""
@@ -47,7 +49,7 @@ class Watchdog:
             self._ensure_thread()
             heapq.heappush(self._heap, (alarm.deadline, next(self._order), alarm))
             if self._heap[0][2] is alarm:
-                self._cond.notify()
+                self._cond.notify()  # the earliest now: the watchdog recomputes how long to sleep
         return alarm
 
     def cancel(self, alarm: Alarm | None) -> bool:
@@ -69,15 +71,16 @@ class Watchdog:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    if self._heap and self._heap[0][2].cancelled:
-                        heapq.heappop(self._heap)
-                        continue
-                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                while True:
+                    while self._heap and self._heap[0][2].cancelled:
+                        heapq.heappop(self._heap)  # most alarms are cancelled long before they are due
+                    if self._heap and self._heap[0][0] <= time.monotonic():
+                        break
+                    # At most every _TICK_S: waking for each cancelled alarm as it came due would cost
+                    # a GIL hand-off per request; a deadline fires up to _TICK_S late instead.
+                    wait = max(self._heap[0][0] - time.monotonic(), _TICK_S) if self._heap else None
                     self._cond.wait(wait)
                 _, _, alarm = heapq.heappop(self._heap)
-                if alarm.cancelled:
-                    continue
                 alarm.fired = True
             try:
                 # The plain socket method, also for an SSLSocket: its own shutdown() would drop the
