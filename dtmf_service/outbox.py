@@ -127,6 +127,9 @@ class SqliteOutbox:
         self._generation = 0  # bumped by close(): every thread then opens a fresh connection
         self._initialise()
         self._inode = os.stat(path).st_ino
+        # A connection opened with the file and kept: if the file is deleted at run time, this one
+        # still reads it (and its WAL), so check_file() can move what it holds into a new one.
+        self._anchor: tuple[int, sqlite3.Connection] = (os.getpid(), _anchor(path))
         self._migrate_lock = threading.Lock()  # the writer's batches versus moving to a new file
         self._fsync = fsync
         self._journal = Journal(os.path.join(directory, "journals"))
@@ -288,7 +291,8 @@ class SqliteOutbox:
         except FileNotFoundError:
             pass
         with self._migrate_lock:
-            old = self._db()
+            anchor_pid, anchor = self._anchor
+            old = anchor if anchor_pid == os.getpid() else self._db()
             pending = old.execute(
                 "SELECT e.event_id, e.created, e.body, p.sink FROM pending p JOIN events e ON e.id = p.event"
             ).fetchall()
@@ -300,7 +304,11 @@ class SqliteOutbox:
                 os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             self._generation += 1  # every thread opens the new file from now on
             self._initialise()
+            os.chmod(self.path, 0o600)  # whoever created it (an early reconnect), it holds digits
             self._inode = os.stat(self.path).st_ino
+            self._anchor = (os.getpid(), _anchor(self.path))
+            if anchor_pid == os.getpid():
+                anchor.close()
 
             def refill(db: sqlite3.Connection) -> None:
                 self._set_sinks(db)
@@ -489,6 +497,14 @@ class SqliteOutbox:
 
 _LINGER_S = 0.01  # how long journaled events wait to be moved into SQLite together
 _EAGER_BATCH = 64
+
+
+def _anchor(path: str) -> sqlite3.Connection:
+    """A connection that has read once, so it holds the database, its WAL and its shared memory
+    open: deleted by path, they stay readable through it."""
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    db.execute("SELECT count(*) FROM sinks").fetchone()
+    return db
 
 
 class _GroupCommit:

@@ -310,3 +310,20 @@ def test_the_outbox_file_is_private(outbox_path):
     outbox(outbox_path)
     assert stat.S_IMODE(os.stat(outbox_path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(outbox_path)).st_mode) == 0o700
+
+
+def test_an_outbox_deleted_at_run_time_moves_into_a_new_file(outbox_path):
+    import shutil
+
+    box = outbox(outbox_path)
+    for _ in range(5):
+        box.commit(make_event())
+    shutil.rmtree(os.path.dirname(outbox_path))
+    moved = []
+    # The maintenance round may run on a thread that opens its first connection only now.
+    thread = threading.Thread(target=lambda: moved.append(box.check_file()))
+    thread.start()
+    thread.join(10)
+    assert moved == [5]
+    assert box.backlog()["s"].pending == 5
+    assert box.check_file() == 0  # once
