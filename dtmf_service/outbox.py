@@ -488,6 +488,10 @@ class SqliteOutbox:
         self._generation += 1
         mine = [db for pid, db in self._connections if pid == os.getpid()]
         self._connections = [(pid, db) for pid, db in self._connections if pid != os.getpid()]
+        anchor_pid, anchor = self._anchor
+        if anchor_pid == os.getpid():
+            mine.append(anchor)
+            self._anchor = (-1, anchor)  # closed: check_file() falls back to an ordinary connection
         for db in mine:
             try:
                 db.close()
