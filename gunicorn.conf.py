@@ -82,7 +82,11 @@ def on_starting(server):
         # Prepare the idempotency store once here, so the workers do not all race to create it.
         Idempotency.from_config(probe).close()
         if probe["AUDIT_SINKS"]:
-            open_outbox(probe, probe["AUDIT_SINKS"]).close()  # the audit outbox too
+            outbox = open_outbox(probe, probe["AUDIT_SINKS"])  # the audit outbox too
+            importer = getattr(outbox, "import_legacy_spool", None)
+            if importer is not None:
+                importer()  # an earlier version's spool, before any worker exists
+            outbox.close()
     except cfg.ConfigError as exc:
         logging.getLogger("gunicorn.error").error("dtmf-gateway: configuration error: %s", exc)
         raise SystemExit(4) from None

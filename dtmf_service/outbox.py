@@ -26,9 +26,11 @@ spread those rules over several files.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -328,6 +330,38 @@ class SqliteOutbox:
                   self.path, len(pending))  # fmt: skip
         return len(pending)
 
+    def import_legacy_spool(self) -> int:
+        """Events an earlier version left in its spool (``<AUDIT_SPOOL_DIR>/<sink>/*.jsonl``, written
+        whole) go into the outbox for their own sink, so an upgrade loses none. Run by the gunicorn
+        master at start, before any worker exists."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        moved = 0
+        for segment in sorted(glob.glob(os.path.join(directory, "*", "*.jsonl"))):
+            sink = os.path.basename(os.path.dirname(segment))
+            if not _LEGACY_SEGMENT.match(os.path.basename(segment)):
+                continue
+            with open(segment, encoding="utf-8", errors="replace") as handle:
+                lines = [line for line in handle.read().splitlines() if line.strip()]
+            events = []
+            for line in lines:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a torn line of a crashed writer: the old spool skipped it too
+                if isinstance(event, dict) and "event_id" in event:
+                    events.append(event)
+
+            def move(db: sqlite3.Connection, events: list[dict[str, Any]] = events, sink: str = sink) -> None:
+                for event in events:
+                    self._insert(db, event["event_id"], _dumps(event), only_sink=sink)
+
+            self._transaction(move)
+            os.unlink(segment)
+            moved += len(events)
+        if moved:
+            log.warning("audit: %d event(s) from the previous version's spool moved into the outbox", moved)
+        return moved
+
     def flush(self, timeout_s: float) -> bool:
         """Wait until every final event of this process is in SQLite (shutdown, tests)."""
         return self._writer.drain(timeout_s)
@@ -499,6 +533,7 @@ class SqliteOutbox:
                 pass
 
 
+_LEGACY_SEGMENT = re.compile(r"^\d{20}-\d+-\d+-n\d+\.jsonl$")
 _LINGER_S = 0.01  # how long journaled events wait to be moved into SQLite together
 _EAGER_BATCH = 64
 

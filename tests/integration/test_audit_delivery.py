@@ -226,3 +226,21 @@ def test_a_refused_event_becomes_a_dead_letter_and_never_blocks_the_batch(
         return figures["audit_dead_letters"] == 1 and figures["audit_pending"] == 0
 
     wait_until(dead_lettered, timeout=20)
+
+
+def test_an_upgrade_delivers_what_the_previous_versions_spool_held(
+    tmp_path, sim_url, gateway_env, start_gunicorn, webhook
+):
+    import uuid
+
+    legacy = tmp_path / "spool" / "webhook"
+    legacy.mkdir(parents=True)
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    (legacy / f"{time.time_ns():020d}-77-0-n4.jsonl").write_text(
+        "".join(json.dumps({"event_id": i, "outcome": "dtmf_submitted"}) + "\n" for i in ids)
+    )
+    env = {**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_AUDIT_SINKS": "webhook",
+           "DTMF_AUDIT_WEBHOOK_URL": webhook.url}  # fmt: skip
+    start_gunicorn(env, workers=2)
+    wait_until(lambda: set(webhook.ids()) >= set(ids), timeout=20)
+    assert not list(legacy.iterdir())

@@ -327,3 +327,17 @@ def test_an_outbox_deleted_at_run_time_moves_into_a_new_file(outbox_path):
     assert moved == [5]
     assert box.backlog()["s"].pending == 5
     assert box.check_file() == 0  # once
+
+
+def test_an_earlier_versions_spool_is_imported_for_its_own_sink(tmp_path, outbox_path):
+    box = outbox(outbox_path, ("file", "webhook"))
+    legacy = os.path.join(os.path.dirname(outbox_path), "webhook")
+    os.makedirs(legacy)
+    events = [make_event() for _ in range(3)]
+    lines = "".join(json.dumps(e) + "\n" for e in events) + '{"event_id": "torn'
+    with open(os.path.join(legacy, f"{time.time_ns():020d}-12-0-n4.jsonl"), "w") as handle:
+        handle.write(lines)
+    assert box.import_legacy_spool() == 3
+    assert not os.listdir(legacy)
+    assert box.backlog()["webhook"].pending == 3 and box.backlog()["file"].pending == 0
+    assert box.import_legacy_spool() == 0
