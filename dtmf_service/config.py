@@ -113,6 +113,12 @@ DEPLOYMENT_KEYS = frozenset(
 )
 
 
+def request_deadline_s(config: Mapping[str, Any]) -> float:
+    """The longest a request can last from its first attempt (CONTRACT.md section 3): the retry
+    budget plus one read timeout. Leases that must outlive a request add their margin to it."""
+    return float(config["CXONE_RETRY_BUDGET_S"]) + float(config["CXONE_READ_TIMEOUT_S"])
+
+
 def reject_unknown(config: Mapping[str, Any], plugin_keys: Iterable[str] = ()) -> None:
     """Stop start-up on a key that names nothing (CONTRACT.md section 8, *rev 2*): a typo such as
     DTMF_AUDIT_DIGIT must never leave redaction, authentication or signing silently off."""

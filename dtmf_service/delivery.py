@@ -24,6 +24,7 @@ from typing import Any
 from .hookspecs import DeliveryIncomplete, DeliveryRejected
 from .metrics import SharedCounters
 from .outbox import Claimed, Outbox
+from .pluginmanager import close_plugin
 from .retry import backoff_delay
 
 log = logging.getLogger("dtmf_service.audit")
@@ -225,12 +226,7 @@ class DeliveryEngine:
             for thread in self._threads:
                 thread.join(max(0.05, deadline - time.monotonic()))
         for name, sink in self.sinks.items():
-            closer = getattr(sink, "close", None)
-            if closer is not None:
-                try:
-                    closer()
-                except Exception as exc:  # noqa: BLE001
-                    log.error("audit sink %s failed to close: %s", name, type(exc).__name__)
+            close_plugin(sink, f"audit sink {name!r}")
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until no event is pending for any sink (tests and benchmarks)."""

@@ -12,15 +12,15 @@ from flask import Request, Response, g
 
 from . import metrics as shared_metrics
 from .auth import TokenCache
-from .config import is_sandbox, reject_unknown
+from .config import is_sandbox, reject_unknown, request_deadline_s
 from .cxone import CXoneClient
 from .delivery import DeliveryEngine
 from .dialects import make_dialect
 from .errors import error_response
 from .events import Redactor, build_event, finish_event
-from .idempotency import Idempotency
+from .idempotency import LEASE_MARGIN_S, Idempotency
 from .outbox import open_outbox
-from .pluginmanager import build_plugin_manager, plugin_config_keys, resolve
+from .pluginmanager import build_plugin_manager, close_plugin, plugin_config_keys, resolve
 from .simulator import Simulator
 from .transport import HttpTransport, SimulatorTransport, Transport
 
@@ -79,7 +79,7 @@ class Gateway:
         # No sink, no outbox: with audit off a request writes nothing at all.
         self.outbox = open_outbox(config, sinks) if sinks else None
         self.delivery = DeliveryEngine(sinks, self.outbox, config, self.counters) if self.outbox else None
-        self._intent_lease_s = float(config["CXONE_RETRY_BUDGET_S"]) + float(config["CXONE_READ_TIMEOUT_S"]) + 30.0
+        self._intent_lease_s = request_deadline_s(config) + LEASE_MARGIN_S
         if config.get("AUDIT_QUEUE_SIZE") is not None:
             log.warning("AUDIT_QUEUE_SIZE is deprecated and ignored: events go straight to the outbox")
         self.counters.declare(["idempotency_store_errors", "audit_dropped", "audit_outbox_errors"])
@@ -220,11 +220,6 @@ class Gateway:
         if self.outbox is not None:
             self.outbox.close()
         for name, exporter in self.exporters.items():
-            closer = getattr(exporter, "close", None)
-            if closer is not None:
-                try:
-                    closer()
-                except Exception as exc:  # noqa: BLE001
-                    log.error("metrics exporter %r failed to close: %s", name, type(exc).__name__)
+            close_plugin(exporter, f"metrics exporter {name!r}")
         self.idempotency.close()
         self.transport.close()

@@ -93,7 +93,9 @@ class Idempotency:
     def from_config(cls, config: Mapping[str, Any], on_store_error: Callable[[], None] = lambda: None) -> Idempotency:
         url = config.get("IDEMPOTENCY_STORE") or default_store_url()
         # The lease outlives the longest request (one deadline, CONTRACT.md section 3) with room to spare.
-        lease = float(config["CXONE_RETRY_BUDGET_S"]) + float(config["CXONE_READ_TIMEOUT_S"]) + LEASE_MARGIN_S
+        from .config import request_deadline_s
+
+        lease = request_deadline_s(config) + LEASE_MARGIN_S
         store = open_store(url)
         secret = config.get("IDEMPOTENCY_HASH_KEY") or config.get("AUDIT_HASH_KEY")
         key = secret.encode() if secret else store.local_key()

@@ -94,7 +94,7 @@ class Journal:
         """Copy ``payload`` into the slot's other half; once this returns it survives the process."""
         if len(payload) > _HALF - _HEAD.size:
             raise JournalFull("the event does not fit a journal slot")
-        header_after = zlib.crc32(payload)
+        crc = zlib.crc32(payload)
         with self._lock:  # held across the copy: ensure_file() may swap the map underneath
             assert self._map is not None
             self._sequence += 1
@@ -104,7 +104,7 @@ class Journal:
             base = slot * _SLOT + half * _HALF
             self._map[base + _HEAD.size : base + _HEAD.size + len(payload)] = payload
             # The header last: a copy cut short leaves a half whose CRC fails, and the other half stands.
-            self._map[base : base + _HEAD.size] = _HEAD.pack(_MAGIC, state, sequence, len(payload), header_after)
+            self._map[base : base + _HEAD.size] = _HEAD.pack(_MAGIC, state, sequence, len(payload), crc)
 
     def release(self, slot: int) -> None:
         """The slot's event is in the outbox: clear both halves and make the slot free again."""

@@ -99,7 +99,6 @@ class Outbox(Protocol):
     def claim(self, sink: str, consumer: str, limit: int, lease_s: float) -> list[Claimed]: ...
     def ack(self, sink: str, refs: Sequence[str]) -> None: ...
     def retry(self, sink: str, refs: Sequence[str], delay_s: float) -> None: ...
-    def release(self, sink: str, refs: Sequence[str]) -> None: ...
     def dead_letter(self, sink: str, claimed: Claimed, reason: str) -> None: ...
     def enforce_bound(self) -> dict[str, int]: ...
     def backlog(self) -> dict[str, SinkBacklog]: ...
@@ -396,27 +395,13 @@ class SqliteOutbox:
             self._execute(f"DELETE FROM pending WHERE sink=? AND event IN ({marks})", [sink, *ids])  # noqa: S608
 
     def retry(self, sink: str, refs: Sequence[str], delay_s: float) -> None:
-        self._put_back(sink, refs, time.time() + delay_s)
-
-    def release(self, sink: str, refs: Sequence[str]) -> None:
-        """Give claimed events back at once (a process stopping), without counting an attempt."""
-        if not refs:
-            return
-        ids = [int(r) for r in refs]
-        marks = ",".join("?" * len(ids))
-        self._execute(
-            f"UPDATE pending SET lease_until=0, attempts=max(attempts-1, 0) WHERE sink=? AND event IN ({marks})",  # noqa: S608
-            [sink, *ids],
-        )
-
-    def _put_back(self, sink: str, refs: Sequence[str], next_try: float) -> None:
         if not refs:
             return
         ids = [int(r) for r in refs]
         marks = ",".join("?" * len(ids))
         self._execute(
             f"UPDATE pending SET next_try=?, lease_until=0 WHERE sink=? AND event IN ({marks})",  # noqa: S608
-            [next_try, sink, *ids],
+            [time.time() + delay_s, sink, *ids],
         )
 
     def dead_letter(self, sink: str, claimed: Claimed, reason: str) -> None:

@@ -148,10 +148,6 @@ class RedisOutbox:
         idle_ms = max(int((self._lease_s - delay_s) * 1000), 0)
         self._r.xclaim(self._stream, sink, "retry", 0, list(refs), idle=idle_ms, justid=True)
 
-    def release(self, sink: str, refs: Sequence[str]) -> None:
-        if refs:
-            self._r.xclaim(self._stream, sink, "released", 0, list(refs), idle=10**9, justid=True)
-
     def dead_letter(self, sink: str, claimed: Claimed, reason: str) -> None:
         record = {"failed": time.time(), "reason": reason[:500], "event": claimed.event}
         pipe = self._r.pipeline(transaction=True)

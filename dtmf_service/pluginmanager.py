@@ -86,6 +86,17 @@ def resolve(pm: pluggy.PluginManager, kind: str, names: list[str], config: Mappi
     return found
 
 
+def close_plugin(instance: Any, what: str) -> None:
+    """Call a sink's or exporter's optional close(); a failure is logged, never raised."""
+    closer = getattr(instance, "close", None)
+    if closer is None:
+        return
+    try:
+        closer()
+    except Exception as exc:  # noqa: BLE001 - one plugin failing to close never stops the others
+        log.error("%s failed to close: %s", what, type(exc).__name__)
+
+
 def check_plugins(config: Mapping[str, Any]) -> None:
     """Resolve every configured sink and exporter once, then close them: fail before forking workers."""
     pm = build_plugin_manager(config)

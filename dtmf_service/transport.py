@@ -18,7 +18,6 @@ none of requests' per-call machinery, and owning the connect step is what makes 
 from __future__ import annotations
 
 import http.client
-import json
 import select
 import ssl
 import threading
@@ -53,9 +52,6 @@ class _Answer:
 
     def __init__(self, status: int, headers: Mapping[str, str], text: str) -> None:
         self.status, self.headers, self.text = status, headers, text
-
-    def json(self) -> Any:
-        return json.loads(self.text)
 
 
 class Transport(Protocol):
