@@ -11,7 +11,8 @@ import logging
 import os
 import tempfile
 
-from dtmf_service import metrics as _metrics
+from dtmf_service import config as _cfg
+from dtmf_service.metrics import counters as _counters
 
 bind = os.environ.get("DTMF_BIND", "127.0.0.1:8080")
 # gthread, plus a bound on reading each request (slow clients): DTMF_REQUEST_READ_TIMEOUT_S, default 10.
@@ -20,21 +21,21 @@ workers = int(os.environ.get("DTMF_WORKERS") or (os.cpu_count() or 1))
 threads = int(os.environ.get("DTMF_THREADS") or 64)
 
 
-def _seconds(name, default):
-    # A bad value is reported, with one line, by the configuration check in on_starting.
+def _longest_request_s():
+    """CONTRACT.md section 3's deadline, from the sources the workers read (environment and
+    DTMF_CONFIG_FILE). A bad configuration is reported, with one line, by on_starting."""
+    probe = {}
     try:
-        return float(os.environ.get(name) or default)
-    except ValueError:
-        return default
+        _cfg.load_sources(probe)
+        _cfg.finalise(probe)
+    except _cfg.ConfigError:
+        return _cfg.request_deadline_s({k: key.default for k, key in _cfg.KEYS.items()})
+    return _cfg.request_deadline_s(probe)
 
 
-# Above the longest request: retry budget plus one read timeout, with room to spare (from the
-# environment: set these two there, not only in DTMF_CONFIG_FILE, if you raise them).
-_budget = _seconds("DTMF_CXONE_RETRY_BUDGET_S", 10.0)
-_read = _seconds("DTMF_CXONE_READ_TIMEOUT_S", 15.0)
-timeout = int(_budget + _read + 10)
-# In-flight requests finish (their audit events are already in the outbox).
-graceful_timeout = int(_budget + _read + 10)
+# Above the longest request, with room to spare; in-flight requests finish on a graceful stop
+# (their audit events are already in the outbox).
+timeout = graceful_timeout = int(_longest_request_s() + 10)
 keepalive = 75  # longer than nginx's upstream keepalive_timeout (60 s) so nginx closes first
 # One JSON object per line, every field escaped (dtmf_service/accesslog.py); the path only, no query.
 # DTMF_ACCESS_LOG: a path, "-" for stderr (default), or "off".
@@ -59,7 +60,7 @@ def on_starting(server):
         directory = tempfile.mkdtemp(prefix="dtmf-metrics-")
         os.environ["DTMF_METRICS_DIR"] = directory
     os.makedirs(directory, exist_ok=True)
-    _metrics.wipe(directory)
+    _counters.wipe(directory)
     # prometheus_client's multiprocess mode reads this when it is first imported: set it before any
     # worker exists (and before the configuration check below imports the plugins).
     prometheus_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(directory, "prometheus")
@@ -69,15 +70,14 @@ def on_starting(server):
         if name.endswith(".db"):
             os.unlink(os.path.join(prometheus_dir, name))
     # Fail fast in the master, with one line, on a bad configuration or an unknown plugin name.
-    from dtmf_service import config as cfg
+    from dtmf_service.audit.outbox import open_outbox
     from dtmf_service.idempotency import Idempotency
-    from dtmf_service.outbox import open_outbox
     from dtmf_service.pluginmanager import check_plugins
 
     probe = {}
     try:
-        cfg.load_sources(probe)
-        cfg.finalise(probe)
+        _cfg.load_sources(probe)
+        _cfg.finalise(probe)
         check_plugins(probe)
         # Prepare the idempotency store once here, so the workers do not all race to create it.
         Idempotency.from_config(probe).close()
@@ -87,16 +87,16 @@ def on_starting(server):
             if importer is not None:
                 importer()  # an earlier version's spool, before any worker exists
             outbox.close()
-    except cfg.ConfigError as exc:
+    except _cfg.ConfigError as exc:
         logging.getLogger("gunicorn.error").error("dtmf-gateway: configuration error: %s", exc)
         raise SystemExit(4) from None
 
 
 def post_worker_init(worker):
     """Start audit delivery now, so events left by an earlier process are delivered without waiting."""
-    gateway = _gateway(worker)
-    if gateway is not None and gateway.delivery is not None:
-        gateway.delivery.start()
+    components = _components(worker)
+    if components is not None and components.delivery is not None:
+        components.delivery.start()
 
 
 def child_exit(server, worker):
@@ -105,7 +105,7 @@ def child_exit(server, worker):
     directory = os.environ.get("DTMF_METRICS_DIR")
     if directory:
         try:
-            _metrics.fold_dead(directory, worker.pid)
+            _counters.fold_dead(directory, worker.pid)
         except OSError as exc:
             logging.getLogger("gunicorn.error").error("dtmf-gateway: could not fold worker counters: %s", exc)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -116,12 +116,12 @@ def child_exit(server, worker):
 
 def worker_exit(server, worker):
     """Graceful stop (SIGTERM, SIGHUP reload, max_requests): stop delivering; the outbox keeps the rest."""
-    gateway = _gateway(worker)
-    if gateway is not None:
-        gateway.close(_AUDIT_FLUSH_S)
+    components = _components(worker)
+    if components is not None:
+        components.close(_AUDIT_FLUSH_S)
 
 
-def _gateway(worker):
+def _components(worker):
     app = getattr(worker, "wsgi", None)
     extensions = getattr(app, "extensions", None)
     return extensions.get("dtmf") if isinstance(extensions, dict) else None

@@ -1,18 +1,20 @@
 """DTMF gateway: validates DTMF requests and submits them to NICE CXone.
 
-Plugin authors: ``from dtmf_service import hookimpl`` (see hookspecs.py).
+Plugin authors: ``from dtmf_service import hookimpl`` (the whole plugin API is in hookspecs.py).
+``create_app`` builds the Flask application around the parts ``wiring.build`` connects.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from .events import event_json
-from .hookspecs import DeliveryIncomplete, DeliveryRejected, hookimpl
+from dtmf_service.audit.event import event_json
+from dtmf_service.hookspecs import DeliveryIncomplete, DeliveryRejected, hookimpl
 
 __version__ = "0.1.0"
 __all__ = ["DeliveryIncomplete", "DeliveryRejected", "create_app", "event_json", "hookimpl", "__version__"]
@@ -25,12 +27,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
     from flask import Flask, g, request
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import config as cfg
-    from .api import bp
-    from .deadlines import request_read_done
-    from .errors import error_response, register_error_handlers
-    from .gateway import Gateway
-    from .tracing import trace_from_header
+    from dtmf_service import config as cfg
+    from dtmf_service.cli import register as register_cli
+    from dtmf_service.deadlines import request_read_done
+    from dtmf_service.web.errors import error_response, register_error_handlers
+    from dtmf_service.web.tracing import trace_from_header
+    from dtmf_service.web.views import bp
+    from dtmf_service.wiring import build
 
     app = Flask(__name__)
     if test_config is None:
@@ -40,8 +43,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
     cfg.finalise(app.config)
     _configure_logging(app.config["LOG_LEVEL"])
 
-    gateway = Gateway(app.config)
-    app.extensions["dtmf"] = gateway
+    components = build(app.config)
+    app.extensions["dtmf"] = components
     if app.config["PROXY_COUNT"]:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app,
@@ -52,8 +55,6 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
             x_prefix=0,
         )
     register_error_handlers(app)
-    from .cli import register as register_cli
-
     register_cli(app)
     # No redirects, ever (CONTRACT.md section 2): "//api/dtmf/parse" is 404, not a 308 whose Location
     # is built from the caller's Host header; OPTIONS is 405 like any other method a route lacks.
@@ -64,6 +65,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
 
     @app.before_request
     def _request_id() -> Any:
+        g.started = time.perf_counter()
         if request.method != "POST":
             request_read_done()  # nothing more to read: disarm the slow-client alarm at once
         if "//" in _raw_path(request.environ):
@@ -80,12 +82,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
         response.headers["X-Request-ID"] = g.get("request_id", "")
         return response
 
-    if gateway.mode == "sandbox":
+    if components.mode == "sandbox":
         log.warning(
             "SANDBOX MODE: no CXone instance is configured (DTMF_CXONE_INSTANCE / DTMF_CXONE_BASE_URL); "
             "digits go to the built-in simulator and no real call receives them"
         )
-    atexit.register(gateway.close, 5.0)
+    atexit.register(components.close, 5.0)
     return app
 
 

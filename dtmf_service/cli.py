@@ -16,7 +16,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup, FlaskGroup
 
-from . import config as cfg
+from dtmf_service import config as cfg
 
 dtmf = AppGroup("dtmf", help="DTMF gateway operator commands.")
 audit = AppGroup("audit", help="The audit outbox: backlog, dead letters, re-delivery.")
@@ -25,15 +25,15 @@ dtmf.add_command(audit)
 _MASK = "********"
 
 
-def _gateway() -> Any:
+def _components() -> Any:
     return current_app.extensions["dtmf"]
 
 
 def _outbox() -> Any:
-    gateway = _gateway()
-    if gateway.outbox is None:
+    components = _components()
+    if components.outbox is None:
         raise click.ClickException("no audit sink is configured (AUDIT_SINKS): there is no outbox")
-    return gateway.outbox
+    return components.outbox
 
 
 @dtmf.command("check-config")
@@ -58,7 +58,7 @@ def check_config(as_json: bool) -> None:
         for name, value in values.items():
             shown = ",".join(map(str, value)) if isinstance(value, list) else ("" if value is None else value)
             click.echo(f"{name:<{width}}  {shown}")
-        click.echo(f"configuration OK ({_gateway().mode} mode)", err=True)
+        click.echo(f"configuration OK ({_components().mode} mode)", err=True)
 
 
 @audit.command("status")
@@ -126,7 +126,7 @@ def register(app: Any) -> None:
 
 
 def _create_app() -> Any:
-    from . import create_app
+    from dtmf_service import create_app
 
     try:
         return create_app()

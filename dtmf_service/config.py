@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dtmf_service.simulator import SANDBOX_URL
+
 ENV_PREFIX = "DTMF"
 
 
@@ -29,80 +31,76 @@ class Key:
     choices: tuple[str, ...] = ()
 
 
-def _k(default: Any, kind: str, **kw: Any) -> Key:
-    return Key(default, kind, **kw)
-
-
 KEYS: dict[str, Key] = {
     # Upstream (CONTRACT.md sections 3 and 6)
-    "CXONE_API": _k("tutorial", "choice", choices=("tutorial", "agent")),
-    "CXONE_INSTANCE": _k(None, "str"),
-    "CXONE_BASE_URL": _k(None, "str"),
-    "CXONE_TOKEN_URL": _k(None, "str"),
-    "CXONE_CLIENT_ID": _k(None, "secret"),
-    "CXONE_CLIENT_SECRET": _k(None, "secret"),
-    "CXONE_SCOPE": _k("interaction:write", "str"),
-    "CXONE_MAX_ATTEMPTS": _k(3, "int", minimum=1, maximum=20),
-    "CXONE_RETRY_BUDGET_S": _k(10.0, "float", minimum=0.001, maximum=600),
-    "CXONE_BACKOFF_BASE_S": _k(1.0, "float", minimum=0, maximum=600),
-    "CXONE_BACKOFF_MAX_S": _k(8.0, "float", minimum=0, maximum=600),
-    "CXONE_CONNECT_TIMEOUT_S": _k(3.0, "float", minimum=0.001, maximum=600),
-    "CXONE_READ_TIMEOUT_S": _k(15.0, "float", minimum=0.001, maximum=600),
-    "CXONE_TOKEN_REFRESH_MARGIN_S": _k(None, "float", minimum=0, maximum=86400),
-    "CXONE_CA_BUNDLE": _k(None, "str"),
+    "CXONE_API": Key("tutorial", "choice", choices=("tutorial", "agent")),
+    "CXONE_INSTANCE": Key(None, "str"),
+    "CXONE_BASE_URL": Key(None, "str"),
+    "CXONE_TOKEN_URL": Key(None, "str"),
+    "CXONE_CLIENT_ID": Key(None, "secret"),
+    "CXONE_CLIENT_SECRET": Key(None, "secret"),
+    "CXONE_SCOPE": Key("interaction:write", "str"),
+    "CXONE_MAX_ATTEMPTS": Key(3, "int", minimum=1, maximum=20),
+    "CXONE_RETRY_BUDGET_S": Key(10.0, "float", minimum=0.001, maximum=600),
+    "CXONE_BACKOFF_BASE_S": Key(1.0, "float", minimum=0, maximum=600),
+    "CXONE_BACKOFF_MAX_S": Key(8.0, "float", minimum=0, maximum=600),
+    "CXONE_CONNECT_TIMEOUT_S": Key(3.0, "float", minimum=0.001, maximum=600),
+    "CXONE_READ_TIMEOUT_S": Key(15.0, "float", minimum=0.001, maximum=600),
+    "CXONE_TOKEN_REFRESH_MARGIN_S": Key(None, "float", minimum=0, maximum=86400),
+    "CXONE_CA_BUNDLE": Key(None, "str"),
     # Agent API dialect (../shared/CXONE-AGENT-API.md)
-    "CXONE_AUTH_BASE": _k("https://cxone.niceincontact.com", "str"),
-    "CXONE_API_ENDPOINT": _k(None, "str"),
-    "CXONE_TENANT_ID": _k(None, "str"),
-    "CXONE_ACCESS_KEY_ID": _k(None, "secret"),
-    "CXONE_ACCESS_KEY_SECRET": _k(None, "secret"),
-    "CXONE_AGENT_API_VERSION": _k("23.0", "str"),
-    "CXONE_TONE_DURATION_MS": _k(340, "int", minimum=1, maximum=10000),
-    "CXONE_TONE_SPACING_MS": _k(0, "int", minimum=0, maximum=10000),
+    "CXONE_AUTH_BASE": Key("https://cxone.niceincontact.com", "str"),
+    "CXONE_API_ENDPOINT": Key(None, "str"),
+    "CXONE_TENANT_ID": Key(None, "str"),
+    "CXONE_ACCESS_KEY_ID": Key(None, "secret"),
+    "CXONE_ACCESS_KEY_SECRET": Key(None, "secret"),
+    "CXONE_AGENT_API_VERSION": Key("23.0", "str"),
+    "CXONE_TONE_DURATION_MS": Key(340, "int", minimum=1, maximum=10000),
+    "CXONE_TONE_SPACING_MS": Key(0, "int", minimum=0, maximum=10000),
     # HTTP edge
-    "MAX_CONTENT_LENGTH": _k(64 * 1024, "int", minimum=1024, maximum=1024 * 1024),
-    "API_KEYS": _k([], "secret_list"),
-    "API_KEYS_FILE": _k(None, "str"),
-    "METRICS_PUBLIC": _k(False, "bool"),
-    "ALLOW_UNAUTHENTICATED": _k(False, "bool"),
-    "PROXY_COUNT": _k(0, "int", minimum=0, maximum=10),
-    "IDEMPOTENCY_STORE": _k(None, "str"),
-    "IDEMPOTENCY_TTL_S": _k(86400, "int", minimum=1, maximum=30 * 86400),
-    "IDEMPOTENCY_HASH_KEY": _k(None, "secret"),
+    "MAX_CONTENT_LENGTH": Key(64 * 1024, "int", minimum=1024, maximum=1024 * 1024),
+    "API_KEYS": Key([], "secret_list"),
+    "API_KEYS_FILE": Key(None, "str"),
+    "METRICS_PUBLIC": Key(False, "bool"),
+    "ALLOW_UNAUTHENTICATED": Key(False, "bool"),
+    "PROXY_COUNT": Key(0, "int", minimum=0, maximum=10),
+    "IDEMPOTENCY_STORE": Key(None, "str"),
+    "IDEMPOTENCY_TTL_S": Key(86400, "int", minimum=1, maximum=30 * 86400),
+    "IDEMPOTENCY_HASH_KEY": Key(None, "secret"),
     # Plugins
-    "METRICS_EXPORTERS": _k(["memory"], "list"),
-    "AUDIT_SINKS": _k([], "list"),
-    "PLUGINS": _k([], "list"),
-    "METRICS_DIR": _k(None, "str"),
+    "METRICS_EXPORTERS": Key(["memory"], "list"),
+    "AUDIT_SINKS": Key([], "list"),
+    "PLUGINS": Key([], "list"),
+    "METRICS_DIR": Key(None, "str"),
     # Audit
-    "AUDIT_DIGITS": _k("full", "choice", choices=("full", "masked", "hashed")),
-    "AUDIT_HASH_KEY": _k(None, "secret"),
-    "AUDIT_SENSITIVE_KEYS": _k([], "list"),
-    "AUDIT_SPOOL_DIR": _k(None, "str"),
-    "AUDIT_SPOOL_MAX_MB": _k(512.0, "float", minimum=0.001, maximum=1024 * 1024),
-    "AUDIT_QUEUE_SIZE": _k(None, "int", minimum=1, maximum=10_000_000),  # deprecated: the outbox has no queue
-    "AUDIT_OUTBOX": _k(None, "str"),
-    "AUDIT_OUTBOX_FSYNC": _k(False, "bool"),
-    "AUDIT_LEASE_S": _k(30.0, "float", minimum=0.1, maximum=3600),
-    "AUDIT_BATCH_SIZE": _k(100, "int", minimum=1, maximum=10000),
-    "AUDIT_BATCH_WAIT_S": _k(0.05, "float", minimum=0, maximum=10),
-    "AUDIT_RETRY_ATTEMPTS": _k(3, "int", minimum=1, maximum=100),
-    "AUDIT_BACKOFF_BASE_S": _k(0.5, "float", minimum=0, maximum=600),
-    "AUDIT_BACKOFF_MAX_S": _k(30.0, "float", minimum=0, maximum=3600),
-    "AUDIT_WEBHOOK_URL": _k(None, "str"),
-    "AUDIT_WEBHOOK_SECRET": _k(None, "secret"),
-    "AUDIT_WEBHOOK_TIMEOUT_S": _k(5.0, "float", minimum=0.001, maximum=600),
-    "AUDIT_WEBHOOK_CONCURRENCY": _k(8, "int", minimum=1, maximum=64),
-    "AUDIT_WEBHOOK_BATCH_MAX": _k(1, "int", minimum=1, maximum=1000),
-    "AUDIT_FILE_PATH": _k(None, "str"),
-    "AUDIT_FILE_FSYNC": _k("batch", "choice", choices=("always", "batch", "never")),
-    "AUDIT_SYSLOG_ADDRESS": _k("/dev/log", "str"),
-    "AUDIT_SYSLOG_FACILITY": _k("local0", "str"),
-    "AUDIT_SYSLOG_APP_NAME": _k("dtmf-gateway", "str"),
-    "STATSD_HOST": _k("127.0.0.1", "str"),
-    "STATSD_PORT": _k(8125, "int", minimum=1, maximum=65535),
-    "STATSD_PREFIX": _k("dtmf", "str"),
-    "LOG_LEVEL": _k("INFO", "choice", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    "AUDIT_DIGITS": Key("full", "choice", choices=("full", "masked", "hashed")),
+    "AUDIT_HASH_KEY": Key(None, "secret"),
+    "AUDIT_SENSITIVE_KEYS": Key([], "list"),
+    "AUDIT_SPOOL_DIR": Key(None, "str"),
+    "AUDIT_SPOOL_MAX_MB": Key(512.0, "float", minimum=0.001, maximum=1024 * 1024),
+    "AUDIT_QUEUE_SIZE": Key(None, "int", minimum=1, maximum=10_000_000),  # deprecated: the outbox has no queue
+    "AUDIT_OUTBOX": Key(None, "str"),
+    "AUDIT_OUTBOX_FSYNC": Key(False, "bool"),
+    "AUDIT_LEASE_S": Key(30.0, "float", minimum=0.1, maximum=3600),
+    "AUDIT_BATCH_SIZE": Key(100, "int", minimum=1, maximum=10000),
+    "AUDIT_BATCH_WAIT_S": Key(0.05, "float", minimum=0, maximum=10),
+    "AUDIT_RETRY_ATTEMPTS": Key(3, "int", minimum=1, maximum=100),
+    "AUDIT_BACKOFF_BASE_S": Key(0.5, "float", minimum=0, maximum=600),
+    "AUDIT_BACKOFF_MAX_S": Key(30.0, "float", minimum=0, maximum=3600),
+    "AUDIT_WEBHOOK_URL": Key(None, "str"),
+    "AUDIT_WEBHOOK_SECRET": Key(None, "secret"),
+    "AUDIT_WEBHOOK_TIMEOUT_S": Key(5.0, "float", minimum=0.001, maximum=600),
+    "AUDIT_WEBHOOK_CONCURRENCY": Key(8, "int", minimum=1, maximum=64),
+    "AUDIT_WEBHOOK_BATCH_MAX": Key(1, "int", minimum=1, maximum=1000),
+    "AUDIT_FILE_PATH": Key(None, "str"),
+    "AUDIT_FILE_FSYNC": Key("batch", "choice", choices=("always", "batch", "never")),
+    "AUDIT_SYSLOG_ADDRESS": Key("/dev/log", "str"),
+    "AUDIT_SYSLOG_FACILITY": Key("local0", "str"),
+    "AUDIT_SYSLOG_APP_NAME": Key("dtmf-gateway", "str"),
+    "STATSD_HOST": Key("127.0.0.1", "str"),
+    "STATSD_PORT": Key(8125, "int", minimum=1, maximum=65535),
+    "STATSD_PREFIX": Key("dtmf", "str"),
+    "LOG_LEVEL": Key("INFO", "choice", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
 }
 
 _STRING_KINDS = {"str", "secret", "choice", "list", "secret_list"}
@@ -115,8 +113,17 @@ DEPLOYMENT_KEYS = frozenset(
 
 def request_deadline_s(config: Mapping[str, Any]) -> float:
     """The longest a request can last from its first attempt (CONTRACT.md section 3): the retry
-    budget plus one read timeout. Leases that must outlive a request add their margin to it."""
+    budget plus one read timeout. The one place this figure is computed."""
     return float(config["CXONE_RETRY_BUDGET_S"]) + float(config["CXONE_READ_TIMEOUT_S"])
+
+
+LEASE_MARGIN_S = 30.0
+
+
+def request_lease_s(config: Mapping[str, Any]) -> float:
+    """How long a mark left by a running request is trusted (the idempotency in-flight mark, the
+    audit placeholder): past the longest request with room to spare; after it, its worker is dead."""
+    return request_deadline_s(config) + LEASE_MARGIN_S
 
 
 def reject_unknown(config: Mapping[str, Any], plugin_keys: Iterable[str] = ()) -> None:
@@ -290,7 +297,7 @@ def _derive_urls(config: dict[str, Any]) -> None:
     if instance and ("/" in instance or " " in instance):
         raise ConfigError(f"CXONE_INSTANCE: expected a host name such as acme.my.cxone.com, got {instance!r}")
     if is_sandbox(config):
-        config["CXONE_BASE_URL"] = "http://cxone-sandbox.invalid/api/v2"
+        config["CXONE_BASE_URL"] = f"{SANDBOX_URL}/api/v2"
     elif not config["CXONE_BASE_URL"]:
         config["CXONE_BASE_URL"] = f"https://{instance}/api/v2"
     config["CXONE_BASE_URL"] = config["CXONE_BASE_URL"].rstrip("/")
@@ -308,7 +315,7 @@ def _check_combinations(config: dict[str, Any]) -> None:
         if missing:
             raise ConfigError(f"{', '.join(missing)}: required when CXONE_INSTANCE or CXONE_BASE_URL is set")
     if config["CXONE_API"] == "agent":
-        from .dialects.agent import check_config
+        from dtmf_service.cxone.dialects.agent import check_config
 
         check_config(config)
     if config["CXONE_TOKEN_REFRESH_MARGIN_S"] is None:

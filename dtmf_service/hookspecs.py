@@ -1,12 +1,14 @@
-"""Hook markers and every hook specification of the plugin-facing API.
+"""The whole plugin-facing API: hook markers, hook specifications, and the interfaces of what
+the hooks return (audit sinks, metrics exporters) as ``typing.Protocol``s.
 
 Stable: plugin authors write against these. More may be added; these may not change.
+A plugin needs no import from here to conform: any object with these methods will do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import pluggy
 
@@ -38,19 +40,66 @@ class DeliveryRejected(Exception):  # noqa: N818 - a plugin-facing name: "the de
     aside as a dead letter (CONTRACT.md section 7), so it never blocks the events behind it."""
 
 
-@hookspec(firstresult=True)
-def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> Any:
-    """Return the audit sink called ``name`` (an object with ``deliver(event)``), or None if not this plugin's."""
+@runtime_checkable
+class AuditSink(Protocol):
+    """Delivers audit events (CONTRACT.md section 7) to one destination.
+
+    A sink never queues, retries or spools: the core's outbox does, and calls ``deliver`` again
+    for what was not delivered. Return normally only once the event is delivered; raise
+    DeliveryRejected when it never will be, any other exception when it may be later. The event is
+    a dict; ``dtmf_service.event_json(event)`` gives its stored compact JSON. An optional
+    ``close()`` is called once at shutdown.
+    """
+
+    def deliver(self, event: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class BatchAuditSink(AuditSink, Protocol):
+    """A sink that can take a whole batch at once (the webhook): ``deliver_many`` is then used
+    instead of ``deliver``; a partial delivery raises DeliveryIncomplete."""
+
+    def deliver_many(self, events: list[dict[str, Any]]) -> None: ...
+
+
+@runtime_checkable
+class MetricsExporter(Protocol):
+    """Receives each counted request's audit event (digits already redacted), after the answer is
+    built and before it is sent: keep ``record`` quick and never block on the network. An optional
+    ``close()`` is called once at shutdown."""
+
+    def record(self, event: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class RenderingExporter(MetricsExporter, Protocol):
+    """An exporter scraped over HTTP (``prometheus``: GET /metrics). ``render`` receives the core's
+    own figures (dtmf_service.metrics.Metrics.core_figures) and returns the whole exposition."""
+
+    content_type: str
+
+    def render(self, core: Mapping[str, Any]) -> bytes: ...
+
+
+@runtime_checkable
+class Closeable(Protocol):
+    def close(self) -> None: ...
 
 
 @hookspec(firstresult=True)
-def dtmf_metrics_exporter(name: str, config: Mapping[str, Any]) -> Any:
-    """Return the metrics exporter called ``name`` (an object with ``record(event)``), or None if not this plugin's."""
+def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> AuditSink | None:
+    """Return the audit sink called ``name``, or None if it is not this plugin's."""
+
+
+@hookspec(firstresult=True)
+def dtmf_metrics_exporter(name: str, config: Mapping[str, Any]) -> MetricsExporter | None:
+    """Return the metrics exporter called ``name``, or None if it is not this plugin's."""
 
 
 @hookspec
-def dtmf_config_keys() -> Any:
+def dtmf_config_keys() -> Iterable[str]:
     """Return the names of the configuration keys this plugin reads (an iterable of strings).
 
     Keys nobody declares stop start-up, so a plugin must declare its own (CONTRACT.md section 8).
     """
+    return ()

@@ -13,8 +13,9 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .config import ConfigError, reject_unknown
+from dtmf_service import hookspecs
+from dtmf_service.config import ConfigError, reject_unknown
+from dtmf_service.hookspecs import AuditSink, Closeable, MetricsExporter
 
 log = logging.getLogger("dtmf_service")
 
@@ -68,31 +69,41 @@ def plugin_config_keys(pm: pluggy.PluginManager) -> set[str]:
     return keys
 
 
-def resolve(pm: pluggy.PluginManager, kind: str, names: list[str], config: Mapping[str, Any]) -> dict[str, Any]:
-    """Ask the plugins for each named sink or exporter; an unknown name stops start-up."""
-    hook = pm.hook.dtmf_audit_sink if kind == "sink" else pm.hook.dtmf_metrics_exporter
-    key = "AUDIT_SINKS" if kind == "sink" else "METRICS_EXPORTERS"
-    found: dict[str, Any] = {}
-    for name in names:
-        if name in found:
-            continue
-        instance = hook(name=name, config=config)
-        if instance is None:
-            raise ConfigError(f"{key}: no plugin provides {name!r}")
-        method = "deliver" if kind == "sink" else "record"
-        if not callable(getattr(instance, method, None)):
-            raise ConfigError(f"{key}: the plugin for {name!r} returned an object without {method}()")
-        found[name] = instance
+def resolve_sinks(pm: pluggy.PluginManager, names: list[str], config: Mapping[str, Any]) -> dict[str, AuditSink]:
+    """Ask the plugins for each named audit sink; an unknown name stops start-up."""
+    found: dict[str, AuditSink] = {}
+    for name in dict.fromkeys(names):
+        found[name] = _checked(pm.hook.dtmf_audit_sink(name=name, config=config), name, "AUDIT_SINKS", "deliver")
     return found
 
 
-def close_plugin(instance: Any, what: str) -> None:
+def resolve_exporters(
+    pm: pluggy.PluginManager, names: list[str], config: Mapping[str, Any]
+) -> dict[str, MetricsExporter]:
+    """Ask the plugins for each named metrics exporter; an unknown name stops start-up."""
+    found: dict[str, MetricsExporter] = {}
+    for name in dict.fromkeys(names):
+        found[name] = _checked(pm.hook.dtmf_metrics_exporter(name=name, config=config), name, "METRICS_EXPORTERS",
+                               "record")  # fmt: skip
+    return found
+
+
+def _checked(instance: Any, name: str, key: str, method: str) -> Any:
+    """The hook's answer, if it has the Protocol's methods (hookspecs.py), each callable."""
+    if instance is None:
+        raise ConfigError(f"{key}: no plugin provides {name!r}")
+    for required in (method, *(m for m in ("deliver_many", "close") if hasattr(instance, m))):
+        if not callable(getattr(instance, required, None)):
+            raise ConfigError(f"{key}: the plugin for {name!r} returned an object without {required}()")
+    return instance
+
+
+def close_plugin(instance: object, what: str) -> None:
     """Call a sink's or exporter's optional close(); a failure is logged, never raised."""
-    closer = getattr(instance, "close", None)
-    if closer is None:
+    if not isinstance(instance, Closeable):
         return
     try:
-        closer()
+        instance.close()
     except Exception as exc:  # noqa: BLE001 - one plugin failing to close never stops the others
         log.error("%s failed to close: %s", what, type(exc).__name__)
 
@@ -101,8 +112,8 @@ def check_plugins(config: Mapping[str, Any]) -> None:
     """Resolve every configured sink and exporter once, then close them: fail before forking workers."""
     pm = build_plugin_manager(config)
     reject_unknown(config, plugin_config_keys(pm))
-    for kind, key in (("sink", "AUDIT_SINKS"), ("exporter", "METRICS_EXPORTERS")):
-        for instance in resolve(pm, kind, list(config.get(key) or []), config).values():
-            closer = getattr(instance, "close", None)
-            if closer is not None:
-                closer()
+    sinks = resolve_sinks(pm, list(config.get("AUDIT_SINKS") or []), config)
+    exporters = resolve_exporters(pm, list(config.get("METRICS_EXPORTERS") or []), config)
+    for instance in [*sinks.values(), *exporters.values()]:
+        if isinstance(instance, Closeable):
+            instance.close()

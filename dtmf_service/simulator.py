@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import ipaddress
 import itertools
 import json
 import re
@@ -35,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 _TUTORIAL_DTMF = re.compile(r"/interactions/([^/]+)/dtmf$")
 _AGENT_DTMF = re.compile(r"/InContactAPI/services/v[0-9.]+/agent-sessions/([^/]+)/send-dtmf$")
 _MAX_RECORDED = 10000
+SANDBOX_URL = "http://cxone-sandbox.invalid"  # the in-process simulator's address in sandbox mode
 
 
 @dataclass
@@ -58,12 +60,12 @@ class Simulator:
         self.base_url = base_url.rstrip("/")
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
+        self._initial_token_ttl_s = token_ttl_s  # reset() goes back to this, not to a default
         self.reset()
-        self.token_ttl_s = token_ttl_s
 
     def reset(self) -> None:
         with self._lock:
-            self.token_ttl_s = 3600.0
+            self.token_ttl_s = self._initial_token_ttl_s
             self.client_id: str | None = None
             self.client_secret: str | None = None
             self.delay_s = 0.0
@@ -249,7 +251,11 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
         peer = "{}:{}".format(*self.client_address[:2])
-        answer = self.server.simulator.handle(self.command, self.path, headers, body, peer)
+        if urlsplit(self.path).path.startswith("/_sim/") and not _loopback(self.client_address[0]):
+            # A simulator bound to a routable address must not let others script it or read its log.
+            answer = SimResponse(403, body={"error": "control endpoints answer loopback clients only"})
+        else:
+            answer = self.server.simulator.handle(self.command, self.path, headers, body, peer)
         if answer.delay_s:
             time.sleep(answer.delay_s)
         if answer.drop:
@@ -270,6 +276,13 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # tokens travel in headers; a test fake has no business printing them
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 class _SimServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -280,7 +293,7 @@ class _SimServer(ThreadingHTTPServer):
 def make_server(host: str = "127.0.0.1", port: int = 0, token_ttl_s: float = 3600.0) -> _SimServer:
     """A simulator HTTP server bound to ``host:port`` (0 picks a free port), not yet serving."""
     server = _SimServer((host, port), _Handler)
-    bound_host, bound_port = server.server_address[:2]
+    bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
     server.simulator = Simulator(f"http://{bound_host}:{bound_port}", token_ttl_s)
     return server
 
@@ -296,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     server = make_server(args.host, args.port, args.token_ttl)
     if args.client_id is not None:
         server.simulator.configure(client_id=args.client_id, client_secret=args.client_secret or "")
-    host, port = server.server_address[:2]
+    host, port = str(server.server_address[0]), int(server.server_address[1])
     print(
         f"CXone simulator listening on http://{host}:{port} (tutorial base URL http://{host}:{port}/api/v2)", flush=True
     )

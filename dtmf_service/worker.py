@@ -13,7 +13,7 @@ from typing import Any
 
 from gunicorn.workers import gthread
 
-from .deadlines import guard_request_read, request_read_done
+from dtmf_service.deadlines import guard_request_read, request_read_done
 
 DEFAULT_REQUEST_READ_TIMEOUT_S = 10.0
 

@@ -33,17 +33,17 @@ class FileSink:
             # Re-opened after fork, and after log rotation moved the file away (checked by inode).
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             self._pid = os.getpid()
-        else:
-            try:
-                if os.stat(self.path).st_ino != os.fstat(self._fd).st_ino:
-                    os.close(self._fd)
-                    self._fd = None
-                    return self._descriptor()
-            except FileNotFoundError:
-                os.close(self._fd)
-                self._fd = None
-                return self._descriptor()
-        return self._fd
+            return self._fd
+        fd = self._fd
+        try:
+            moved = os.stat(self.path).st_ino != os.fstat(fd).st_ino
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            os.close(fd)
+            self._fd = None
+            return self._descriptor()
+        return fd
 
     def _write(self, data: bytes, sync: bool) -> None:
         """Whole lines or nothing: a short write (full disk) is cut back off, so every line of the file

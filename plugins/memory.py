@@ -1,4 +1,9 @@
-"""Metrics exporter ``memory``: the exact cross-worker totals behind GET /api/metrics."""
+"""Metrics exporter ``memory``: serves GET /api/metrics (CONTRACT.md section 4) as JSON.
+
+It keeps nothing of its own: the core counts every request in its shared counters
+(dtmf_service.metrics), exact across every gunicorn worker, whichever exporters are enabled.
+Enabling ``memory`` is what makes the endpoint answer.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from dtmf_service import hookimpl
-from dtmf_service.events import outcome_category
-from dtmf_service.metrics import shared_counters
 
 
 class MemoryExporter:
-    """Adds each event to this process's counter file in METRICS_DIR."""
-
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self.counters = shared_counters(config["METRICS_DIR"])
+    """The JSON view of the core's counters; there is nothing to do per event."""
 
     def record(self, event: dict[str, Any]) -> None:
-        category = outcome_category(event["outcome"])
-        if category is None:
-            return
-        amounts = {category: 1.0}
-        if category == "successful_parses":
-            amounts["latency_ms_sum"] = float(event["latency_ms"])
-        self.counters.add_many(amounts)
+        pass
 
 
 @hookimpl
 def dtmf_metrics_exporter(name: str, config: Mapping[str, Any]) -> MemoryExporter | None:
-    return MemoryExporter(config) if name == "memory" else None
+    return MemoryExporter() if name == "memory" else None

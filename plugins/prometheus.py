@@ -89,7 +89,7 @@ class _CoreCollector:
             tokens.add_metric([result], count)
         yield tokens
         sinks = self.core.get("audit_sinks", {})
-        families = {
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
             "pending": GaugeMetricFamily("dtmf_audit_pending", "Audit events not yet delivered", labels=["sink"]),
             "delivered": CounterMetricFamily("dtmf_audit_delivered", "Audit events delivered", labels=["sink"]),
             "dropped": CounterMetricFamily(

@@ -8,7 +8,7 @@ from typing import Any
 import statsd as statsd_client
 
 from dtmf_service import hookimpl
-from dtmf_service.events import outcome_category
+from dtmf_service.metrics import outcome_category
 
 
 class StatsdExporter:

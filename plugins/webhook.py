@@ -22,7 +22,7 @@ import urllib3
 
 from dtmf_service import DeliveryIncomplete, DeliveryRejected, event_json, hookimpl
 from dtmf_service.config import ConfigError
-from dtmf_service.tracing import child_traceparent
+from dtmf_service.web.tracing import child_traceparent
 
 _TRY_AGAIN = frozenset({408, 425, 429})
 

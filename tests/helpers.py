@@ -22,6 +22,29 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def as_answered(submission: Any) -> Any:
+    """A CXone client's Submission together with what the caller is told about it (the one
+    mapping, dtmf_service.parse.answer): http_status, status, error, retry_after_s."""
+    from types import SimpleNamespace
+
+    from dtmf_service.outcome import Facts, RequestContext
+    from dtmf_service.parse import answer
+
+    valid = {"interaction_id": "call-1", "digits": "12#", "timeout_ms": 5000}
+    ctx = RequestContext("request", "0" * 31 + "1", "01", "", None, time.perf_counter())
+    outcome = answer(submission, Facts("event", sent=valid, valid=valid), ctx)
+    retry_after = outcome.headers.get("Retry-After")
+    return SimpleNamespace(
+        result=submission.result,
+        attempts=submission.attempts,
+        http_status=outcome.http_status,
+        status=outcome.status,
+        cxone_status=outcome.cxone_status,
+        error=outcome.body.get("error"),
+        retry_after_s=int(retry_after) if retry_after is not None else None,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from dtmf_service.schemas import DTMFRequestSchema
+from dtmf_service.web.schemas import DTMFRequestSchema
 
 
 def test_document_is_openapi_31_with_every_response(client):

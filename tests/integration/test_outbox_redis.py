@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from dtmf_service.outbox_redis import RedisOutbox
+from dtmf_service.audit.outbox_redis import RedisOutbox
 from tests.helpers import Gunicorn, WebhookReceiver, wait_until
 from tests.integration.conftest import dialect_env
 from tests.integration.test_audit_crashes import Load, request_ids

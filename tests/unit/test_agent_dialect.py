@@ -8,7 +8,7 @@ from urllib.parse import parse_qs
 import pytest
 
 from dtmf_service import config as cfg
-from dtmf_service.dialects.agent import basic_authorization
+from dtmf_service.cxone.dialects.agent import basic_authorization
 from tests.conftest import VALID
 
 
@@ -157,7 +157,7 @@ def test_discovered_endpoints_must_be_https(make_app, agent_config, sim, documen
 
 
 def test_plain_http_is_followed_only_between_loopback_addresses():
-    from dtmf_service.dialects.common import trusted_endpoint
+    from dtmf_service.cxone.dialects.common import trusted_endpoint
 
     assert trusted_endpoint("https://api-na1.niceincontact.com", "https://cxone.niceincontact.com")
     assert not trusted_endpoint("http://api-na1.niceincontact.com", "https://cxone.niceincontact.com")

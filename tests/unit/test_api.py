@@ -119,7 +119,7 @@ def test_unexpected_error_is_500_internal_error_without_detail(app, client):
         def submit(self, *args):
             raise RuntimeError("token=abc secret internals")
 
-    app.extensions["dtmf"].client = Broken()
+    app.extensions["dtmf"].parser.client = Broken()
     response = post(client)
     assert response.status_code == 500
     assert response.get_json() == {"status": "internal_error"}
@@ -226,7 +226,7 @@ def test_unexpected_error_messages_stay_out_of_the_log(app, client, caplog):
         def submit(self, interaction_id, digits, *args):
             raise ValueError(f"upstream said {digits}")
 
-    app.extensions["dtmf"].client = Broken()
+    app.extensions["dtmf"].parser.client = Broken()
     with caplog.at_level(logging.ERROR):
         assert post(client, {**VALID, "digits": "98765"}).status_code == 500
     assert "ValueError" in caplog.text
@@ -274,10 +274,10 @@ def test_deeply_nested_body_is_400_invalid_request_and_still_counted_and_audited
 
 
 def test_an_event_that_cannot_be_built_is_still_recorded(make_app, tmp_path, monkeypatch):
-    from dtmf_service import gateway as gateway_module
+    from dtmf_service.audit import trail as trail_module
 
     app = make_app(AUDIT_SINKS=["file"], AUDIT_FILE_PATH=str(tmp_path / "audit.jsonl"))
-    real = gateway_module.build_event
+    real = trail_module.build_event
     calls = []
 
     def fragile(**kwargs):
@@ -286,7 +286,7 @@ def test_an_event_that_cannot_be_built_is_still_recorded(make_app, tmp_path, mon
             raise RecursionError("simulated")
         return real(**kwargs)
 
-    monkeypatch.setattr(gateway_module, "build_event", fragile)
+    monkeypatch.setattr(trail_module, "build_event", fragile)
     response = app.test_client().post("/api/dtmf/parse", json=VALID)
     assert response.status_code == 200
     assert app.test_client().get("/api/metrics").get_json()["successful_parses"] == 1

@@ -188,3 +188,16 @@ def test_api_keys_file_is_read_with_comments_and_merged(tmp_path):
     assert config["API_KEYS"] == ["inline", "key-one", "key-two"]
     with pytest.raises(cfg.ConfigError, match="API_KEYS_FILE: cannot read"):
         cfg.finalise({"API_KEYS_FILE": str(tmp_path / "missing")})
+
+
+def test_sandbox_cannot_be_forced_from_the_environment():
+    config = {
+        "SANDBOX": True,
+        "CXONE_INSTANCE": "acme",
+        "CXONE_CLIENT_ID": "i",
+        "CXONE_CLIENT_SECRET": "s",
+        "ALLOW_UNAUTHENTICATED": True,
+    }
+    cfg.finalise(config)
+    assert config["SANDBOX"] is False
+    assert config["CXONE_BASE_URL"] == "https://acme/api/v2"

@@ -12,10 +12,8 @@ from urllib.parse import parse_qs
 import pytest
 
 from dtmf_service import config as cfg
-from dtmf_service.auth import TokenCache
-from dtmf_service.cxone import CXoneClient
-from dtmf_service.dialects import make_dialect
-from dtmf_service.transport import HttpTransport
+from dtmf_service.cxone.client import CXoneClient
+from tests.helpers import as_answered
 
 
 class FakeTime:
@@ -41,14 +39,8 @@ def make_client(upstream_config, fake_time):
     def factory(**overrides):
         config = {**upstream_config, "CXONE_BACKOFF_BASE_S": 1.0, "CXONE_BACKOFF_MAX_S": 8.0, **overrides}
         cfg.finalise(config)
-        transport = HttpTransport(config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"])
-        dialect = make_dialect(config, transport)
-        tokens = TokenCache(dialect.fetch_token)
-        return CXoneClient(
+        return CXoneClient.from_config(
             config,
-            dialect,
-            transport,
-            tokens,
             sleep=fake_time.sleep,
             clock=fake_time.clock,
             wall_clock=lambda: 1_800_000_000.0,
@@ -59,7 +51,7 @@ def make_client(upstream_config, fake_time):
 
 
 def submit(client, interaction_id="call-1", digits="12#", timeout_ms=5000):
-    return client.submit(interaction_id, digits, timeout_ms, "corr-1")
+    return as_answered(client.submit(interaction_id, digits, timeout_ms, "corr-1"))
 
 
 def test_success_sends_exact_request(make_client, sim):

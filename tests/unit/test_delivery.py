@@ -13,9 +13,9 @@ import uuid
 import pytest
 
 from dtmf_service import DeliveryIncomplete, DeliveryRejected
-from dtmf_service.delivery import DeliveryEngine, SinkDelivery
-from dtmf_service.metrics import SharedCounters
-from dtmf_service.outbox import SqliteOutbox
+from dtmf_service.audit.delivery import DeliveryEngine, SinkDelivery
+from dtmf_service.audit.outbox import SqliteOutbox
+from dtmf_service.metrics import Metrics
 from plugins.file import FileSink
 from tests.helpers import wait_until
 
@@ -59,7 +59,7 @@ def config(tmp_path):
 
 @pytest.fixture
 def counters(tmp_path):
-    return SharedCounters(str(tmp_path / "metrics"))
+    return Metrics(str(tmp_path / "metrics"))
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_events_reach_a_healthy_sink_exactly_once(config, counters, outbox_path)
     run_until(delivery, lambda: len(sink.received) == 120)
     assert sink.received == [e["event_id"] for e in events]  # in order, once each
     assert box.backlog()["s"].pending == 0
-    assert counters.totals()["audit.s.delivered"] == 120
+    assert counters.counters.totals()["audit.s.delivered"] == 120
 
 
 def test_partial_batch_failure_resends_only_the_failed_events(config, counters, outbox_path):
@@ -134,7 +134,7 @@ def test_a_down_sink_keeps_everything_and_gets_it_when_it_returns(config, counte
         time.sleep(0.01)
     backlog = box.backlog()["s"]
     assert backlog.pending == 40 and backlog.oldest_pending_s is not None
-    assert counters.totals()["audit.s.failed_attempts"] >= 2
+    assert counters.counters.totals()["audit.s.failed_attempts"] >= 2
     sink.down = False
     run_until(delivery, lambda: len(set(sink.received)) == 40)
 
@@ -173,7 +173,7 @@ def test_a_refused_event_becomes_a_dead_letter_and_never_blocks_the_rest(config,
     (letter,) = box.dead_letters("s")
     assert letter["event_id"] == events[0]["event_id"] and letter["event"] == events[0]
     assert box.backlog()["s"].pending == 0
-    assert counters.totals()["audit.s.dead_letters"] == 1
+    assert counters.counters.totals()["audit.s.dead_letters"] == 1
     # Put back in line (the operator fixed the receiver): delivered, and only to its own sink.
     sink.refuse = set()
     assert box.redeliver("s") == 1
@@ -226,7 +226,7 @@ def test_commit_replaces_the_placeholder_and_a_live_process_keeps_its_own(outbox
 
 
 def test_without_journal_room_placeholders_go_through_sqlite_and_lapse_with_their_lease(outbox_path):
-    from dtmf_service.journal import Journal
+    from dtmf_service.audit.journal import Journal
 
     box = outbox(outbox_path)
     box._journal = Journal(box._journal.directory, slots=0)  # every slot taken
@@ -241,7 +241,7 @@ def test_without_journal_room_placeholders_go_through_sqlite_and_lapse_with_thei
 
 def _deliver_into_file(path, out_path, metrics_dir, config):
     delivery = SinkDelivery("file", FileSink(out_path, "never"), outbox(path, ("file",)), config,
-                            SharedCounters(metrics_dir))  # fmt: skip
+                            Metrics(metrics_dir))  # fmt: skip
     idle = 0
     while idle < 20:
         idle = 0 if delivery.step(f"p{os.getpid()}") else idle + 1

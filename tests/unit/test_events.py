@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from dtmf_service.events import Redactor, build_event
+from dtmf_service.audit.event import Redactor, build_event
 
 FIELDS = {
     "event_id",
@@ -126,18 +126,3 @@ def test_cxone_echo_of_the_digits_is_redacted_too():
     assert e["cxone_response"] == '{"played":"****"}'
     full = event(Redactor({}), sent=VALID, valid=VALID, cxone_response='{"played":"1234"}')
     assert full["cxone_response"] == '{"played":"1234"}'
-
-
-def test_sandbox_cannot_be_forced_from_the_environment():
-    from dtmf_service import config as cfg
-
-    config = {
-        "SANDBOX": True,
-        "CXONE_INSTANCE": "acme",
-        "CXONE_CLIENT_ID": "i",
-        "CXONE_CLIENT_SECRET": "s",
-        "ALLOW_UNAUTHENTICATED": True,
-    }
-    cfg.finalise(config)
-    assert config["SANDBOX"] is False
-    assert config["CXONE_BASE_URL"] == "https://acme/api/v2"

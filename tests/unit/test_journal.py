@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from dtmf_service.journal import _HALF, _HEAD, FINAL, INTENT, Journal, read_slots, recover_orphans
+from dtmf_service.audit.journal import _HALF, _HEAD, FINAL, INTENT, Journal, read_slots, recover_orphans
 from tests.helpers import ROOT, wait_until
 
 
@@ -35,7 +35,7 @@ def test_a_copy_cut_short_leaves_the_previous_version(tmp_path):
 HOLDER = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
-from dtmf_service.journal import Journal, INTENT
+from dtmf_service.audit.journal import Journal, INTENT
 journal = Journal(sys.argv[1])
 slot = journal.acquire()
 journal.write(slot, INTENT, b'{"event_id":"e-1","outcome":"submission_unknown"}')

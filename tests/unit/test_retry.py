@@ -4,7 +4,7 @@ import email.utils
 
 import pytest
 
-from dtmf_service.retry import backoff_delay, is_retryable_status, parse_retry_after
+from dtmf_service.cxone.retry import backoff_delay, is_retryable_status, parse_retry_after
 
 
 @pytest.mark.parametrize("status", [429, 503])

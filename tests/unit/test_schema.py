@@ -3,7 +3,7 @@
 import pytest
 from marshmallow import ValidationError
 
-from dtmf_service.schemas import DTMFRequestSchema
+from dtmf_service.web.schemas import DTMFRequestSchema
 from tests.conftest import VALID
 
 schema = DTMFRequestSchema()

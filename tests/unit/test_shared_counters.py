@@ -3,7 +3,7 @@
 import multiprocessing
 import os
 
-from dtmf_service.metrics import SharedCounters, wipe
+from dtmf_service.metrics.counters import SharedCounters, wipe
 
 
 def _child(directory, n):

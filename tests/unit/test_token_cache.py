@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from dtmf_service.auth import TokenCache, TokenError
+from dtmf_service.cxone.tokens import TokenCache, TokenError
 
 
 class Clock:

@@ -8,10 +8,9 @@ import time
 import pytest
 
 from dtmf_service import config as cfg
-from dtmf_service.auth import TokenCache
-from dtmf_service.cxone import CXoneClient
-from dtmf_service.dialects import make_dialect
-from dtmf_service.transport import HttpTransport, NotSent, Unknown
+from dtmf_service.cxone.client import CXoneClient
+from dtmf_service.cxone.transport import HttpTransport, NotSent, Unknown
+from tests.helpers import as_answered
 from tests.upstreams import RawUpstream, answer_ok, garbage_outside_tls, make_certificate, trickle
 
 
@@ -46,17 +45,13 @@ def client_for(upstream_server, sim_url, **overrides):
         **overrides,
     }
     cfg.finalise(config)
-    transport = HttpTransport(
-        config["CXONE_CONNECT_TIMEOUT_S"], config["CXONE_READ_TIMEOUT_S"], ca_bundle=config["CXONE_CA_BUNDLE"]
-    )
-    dialect = make_dialect(config, transport)
-    return CXoneClient(config, dialect, transport, TokenCache(dialect.fetch_token))
+    return CXoneClient.from_config(config)
 
 
 def test_tls_error_after_the_request_was_written_is_unknown_and_not_resent(upstream, certificate, sim_url):
     server = upstream(garbage_outside_tls, certificate)
     client = client_for(server, sim_url, CXONE_CA_BUNDLE=str(certificate[0]))
-    result = client.submit("call-1", "12#", 5000, "corr")
+    result = as_answered(client.submit("call-1", "12#", 5000, "corr"))
     assert (result.http_status, result.status, result.cxone_status) == (504, "submission_unknown", None)
     assert result.attempts == 1
     assert len(server.requests) == 1  # the POST arrived whole, once
@@ -65,7 +60,7 @@ def test_tls_error_after_the_request_was_written_is_unknown_and_not_resent(upstr
 def test_tls_handshake_that_fails_before_writing_is_not_sent_and_retried(upstream, certificate, sim_url):
     server = upstream(answer_ok, certificate)  # a certificate the client does not trust: no CA bundle
     client = client_for(server, sim_url)
-    result = client.submit("call-1", "12#", 5000, "corr")
+    result = as_answered(client.submit("call-1", "12#", 5000, "corr"))
     assert (result.http_status, result.status, result.cxone_status) == (502, "submission_failed", None)
     assert result.attempts == 3
     assert server.requests == []  # nothing of the request was ever written
@@ -74,7 +69,7 @@ def test_tls_handshake_that_fails_before_writing_is_not_sent_and_retried(upstrea
 def test_ca_bundle_adds_trust_for_a_private_ca(upstream, certificate, sim_url):
     server = upstream(answer_ok, certificate)
     client = client_for(server, sim_url, CXONE_CA_BUNDLE=str(certificate[0]))
-    assert client.submit("call-1", "12#", 5000, "corr").http_status == 200
+    assert as_answered(client.submit("call-1", "12#", 5000, "corr")).http_status == 200
 
 
 def test_a_trickling_answer_is_cut_at_budget_plus_read_timeout(upstream, sim_url):
@@ -82,7 +77,7 @@ def test_a_trickling_answer_is_cut_at_budget_plus_read_timeout(upstream, sim_url
     server = upstream(trickle(0.3, 30))
     client = client_for(server, sim_url, CXONE_RETRY_BUDGET_S=1.0, CXONE_READ_TIMEOUT_S=1.0)
     started = time.monotonic()
-    result = client.submit("call-1", "12#", 5000, "corr")
+    result = as_answered(client.submit("call-1", "12#", 5000, "corr"))
     elapsed = time.monotonic() - started
     assert (result.http_status, result.status) == (504, "submission_unknown")
     assert elapsed < 2.0 + 0.5, elapsed
@@ -103,7 +98,7 @@ def test_deadline_applies_to_the_token_fetch_too(upstream, sim, sim_url):
     sim.script("token", [{"status": 200, "body": {"access_token": "t", "expires_in": 60}, "delay_s": 5}])
     client = client_for(server, sim_url, CXONE_RETRY_BUDGET_S=0.5, CXONE_READ_TIMEOUT_S=0.5)
     started = time.monotonic()
-    result = client.submit("call-1", "12#", 5000, "corr")
+    result = as_answered(client.submit("call-1", "12#", 5000, "corr"))
     assert time.monotonic() - started < 1.5
     assert (result.http_status, result.cxone_status) == (502, None)
     assert server.requests == []

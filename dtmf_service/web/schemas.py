@@ -26,7 +26,7 @@ class FullMatch(validate.Regexp):
         super().__init__(pattern, error=error)
         self._full = re.compile(pattern.removeprefix("^").removesuffix("$"))
 
-    def __call__(self, value: str) -> str:
+    def __call__(self, value: Any) -> Any:  # marshmallow's overloads take str or bytes; only str passes
         if not isinstance(value, str) or self._full.fullmatch(value) is None:
             raise ValidationError(self.error)
         return value

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from ..auth import TokenCache, TokenError
-from ..config import ConfigError
-from ..transport import Transport
-from .common import get_json, request_token, trusted_endpoint
+from dtmf_service.config import ConfigError
+from dtmf_service.cxone.dialects.common import get_json, request_token, trusted_endpoint
+from dtmf_service.cxone.tokens import DiscoveryError, EndpointCache
+from dtmf_service.cxone.transport import Transport
 
 _FOREVER_S = 10.0**9
 
@@ -48,8 +48,6 @@ def basic_authorization(client_id: str, client_secret: str) -> str:
 class AgentDialect:
     """Agent API wire format, with discovery of the token endpoint and the regional API host."""
 
-    name = "agent"
-
     def __init__(self, config: Mapping[str, Any], transport: Transport) -> None:
         self._transport = transport
         self._auth_base = str(config["CXONE_AUTH_BASE"]).rstrip("/")
@@ -67,10 +65,10 @@ class AgentDialect:
         token_url = config.get("CXONE_TOKEN_URL")
         api_endpoint = config.get("CXONE_API_ENDPOINT")
         # Discovered values are cached like tokens: one fetch at a time, failures shared, retried next request.
-        self.token_endpoint = TokenCache(
+        self.token_endpoint = EndpointCache(
             (lambda _t: (token_url, _FOREVER_S)) if token_url else self._discover_token_endpoint, margin_s=0
         )
-        self.api_endpoint = TokenCache(
+        self.api_endpoint = EndpointCache(
             (lambda _t: (api_endpoint.rstrip("/"), _FOREVER_S)) if api_endpoint else self._discover_api_endpoint,
             margin_s=0,
         )
@@ -78,15 +76,15 @@ class AgentDialect:
     def _discover_token_endpoint(self, timeout_s: float) -> tuple[str, float]:
         url = f"{self._auth_base}/.well-known/openid-configuration"
         endpoint = get_json(self._transport, url, "token endpoint", timeout_s).get("token_endpoint")
-        if not trusted_endpoint(endpoint, self._auth_base):
-            raise TokenError("CXone openid-configuration has no usable https token_endpoint")
+        if not isinstance(endpoint, str) or not trusted_endpoint(endpoint, self._auth_base):
+            raise DiscoveryError("CXone openid-configuration has no usable https token_endpoint")
         return endpoint, _FOREVER_S
 
     def _discover_api_endpoint(self, timeout_s: float) -> tuple[str, float]:
         url = f"{self._auth_base}/.well-known/cxone-configuration?tenantId={quote(str(self._tenant), safe='')}"
         endpoint = get_json(self._transport, url, "API endpoint", timeout_s).get("api_endpoint")
-        if not trusted_endpoint(endpoint, self._auth_base):
-            raise TokenError("CXone cxone-configuration has no usable https api_endpoint")
+        if not isinstance(endpoint, str) or not trusted_endpoint(endpoint, self._auth_base):
+            raise DiscoveryError("CXone cxone-configuration has no usable https api_endpoint")
         return endpoint.rstrip("/"), _FOREVER_S
 
     def fetch_token(self, timeout_s: float) -> tuple[str, float]:

@@ -8,8 +8,8 @@ from typing import Any
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from . import __version__
-from .schemas import (
+from dtmf_service import __version__
+from dtmf_service.web.schemas import (
     DTMFRequestSchema,
     ErrorSchema,
     HealthSchema,
@@ -52,7 +52,7 @@ def build_document(config: Mapping[str, Any]) -> dict[str, Any]:
     ):
         spec.components.schema(name, schema=schema)
     spec.components.security_scheme("apiKey", {"type": "http", "scheme": "bearer"})
-    secured = [{"apiKey": []}] if config.get("API_KEYS") else []
+    secured: list[dict[str, list[str]]] = [{"apiKey": []}] if config.get("API_KEYS") else []
     unauthorized = _json("Error", "missing or wrong API key (when API_KEYS is set)")
     retry_after = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
     dialect_note = (

@@ -27,6 +27,8 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from dtmf_service.processes import pid_alive
+
 _MAGIC = b"DTMFCNT1"
 _HEADER = 8192  # magic, length, JSON list of names; values follow
 _SLOT = struct.Struct("<d")
@@ -209,19 +211,6 @@ def fold_dead(directory: str, pid: int) -> None:
     os.unlink(path)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (ours, or another user's)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def wipe(directory: str) -> None:
     """Remove every process file: a new master starts from zero."""
     for path in [*glob.glob(os.path.join(directory, "counters-*.bin")), os.path.join(directory, _ARCHIVE)]:
@@ -236,7 +225,8 @@ _instances_lock = threading.Lock()
 
 
 def shared_counters(directory: str) -> SharedCounters:
-    """The one SharedCounters of this process for ``directory`` (the core and the memory exporter share it)."""
+    """The one SharedCounters of this process for ``directory``: two applications in one process
+    (tests) must not lay out the same per-process file twice."""
     key = os.path.abspath(directory)
     with _instances_lock:
         instance = _instances.get(key)

@@ -22,11 +22,11 @@ import select
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from http.client import HTTPMessage
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from .deadlines import WATCHDOG, Watchdog
+from dtmf_service.deadlines import WATCHDOG, Watchdog
 
 # An idle keep-alive connection older than this is dropped rather than reused: servers close
 # theirs after a while, and a write into a connection the server is closing is an unknown outcome.
@@ -43,14 +43,14 @@ class Unknown(Exception):
 
 class Answer(Protocol):
     status: int
-    headers: Mapping[str, str]
+    headers: HTTPMessage  # case-insensitive ``get``
     text: str
 
 
 class _Answer:
     __slots__ = ("status", "headers", "text")
 
-    def __init__(self, status: int, headers: Mapping[str, str], text: str) -> None:
+    def __init__(self, status: int, headers: HTTPMessage, text: str) -> None:
         self.status, self.headers, self.text = status, headers, text
 
 

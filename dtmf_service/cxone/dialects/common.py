@@ -7,8 +7,8 @@ import json
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from ..auth import TokenError
-from ..transport import Answer, NotSent, Transport, Unknown
+from dtmf_service.cxone.tokens import DiscoveryError, TokenError
+from dtmf_service.cxone.transport import Answer, NotSent, Transport, Unknown
 
 
 def request_token(
@@ -28,16 +28,16 @@ def request_token(
 
 
 def get_json(transport: Transport, url: str, what: str, timeout_s: float) -> dict[str, Any]:
-    """GET a JSON object (discovery documents); TokenError on any failure."""
+    """GET a JSON object (discovery documents); DiscoveryError on any failure."""
     try:
         answer = transport.request("GET", url, None, {"Accept": "application/json"}, timeout_s)
     except (NotSent, Unknown) as exc:
-        raise TokenError(f"CXone {what} discovery failed ({exc})") from None
+        raise DiscoveryError(f"CXone {what} discovery failed ({exc})") from None
     if answer.status != 200:
-        raise TokenError(f"CXone {what} discovery answered {answer.status}")
+        raise DiscoveryError(f"CXone {what} discovery answered {answer.status}")
     data = _json(answer)
     if not isinstance(data, dict):
-        raise TokenError(f"CXone {what} discovery answered without a JSON object")
+        raise DiscoveryError(f"CXone {what} discovery answered without a JSON object")
     return data
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import redis
 
-from .events import AuditEvent
-from .outbox import Claimed, SinkBacklog
+from dtmf_service.audit.event import AuditEvent
+from dtmf_service.audit.outbox import Claimed, SinkBacklog
 
 _PREFIX = "dtmf:audit:"
 _AVERAGE_EVENT_BYTES = 1024  # to turn AUDIT_SPOOL_MAX_MB into a stream length

@@ -1,44 +1,25 @@
-"""Idempotency-Key: a retried request never presses the keys twice (CONTRACT.md section 9).
+"""Where Idempotency-Key records live: one SQLite file per host, or Redis for a fleet.
 
-The key is scoped to the caller's identity (a hash of the matched API key) and bound to
-a keyed fingerprint (HMAC-SHA256) of the raw body, so a copy of the store does not give
-a 4-digit PIN back to a brute force. The first request claims the key with an in-flight
-mark whose lease outlives any request (section 3's deadline plus a margin); a repeat
-while it runs is 409, with another body 422, after it finished the stored response with
-``Idempotent-Replayed: true``. A mark whose lease lapsed means its worker died mid-request:
-the repeat is answered 504 ``submission_unknown``, never processed again.
-
-Answers that prove nothing reached CXone (503 rate limited, 502 with no CXone answer) are
-not stored, so the caller's retry is processed. When the store fails after CXone answered,
-the caller still gets the true outcome; the write is retried in the background.
+A record is an in-flight mark (with a lease) while the first request runs, then the outcome
+it got (status, body without the digits, Retry-After). A lapsed lease is turned into the
+"unknown" outcome by whoever reads it first, atomically.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import logging
 import os
-import queue
 import secrets
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
-from flask import Response
+from dtmf_service.config import ConfigError
+from dtmf_service.sqlite_wal import initialise
 
-from .errors import error_response
-from .sqlite_wal import initialise
-
-log = logging.getLogger("dtmf_service")
-
-_PRINTABLE = frozenset(range(0x20, 0x7F))
-LEASE_MARGIN_S = 30.0
 UNKNOWN_STATUS = 504
 UNKNOWN_BODY = json.dumps(
     {
@@ -51,197 +32,43 @@ UNKNOWN_BODY = json.dumps(
 )
 
 
-def valid_key(key: str) -> bool:
-    """1 to 255 printable ASCII characters."""
-    return 0 < len(key) <= 255 and all(ord(c) in _PRINTABLE for c in key)
-
-
 @dataclass
 class Stored:
     state: str  # "in_flight" | "done"
     fingerprint: str
     status: int = 0
-    body: str = ""
+    body: str = ""  # the outcome's JSON body, digits blanked
     headers: dict[str, str] | None = None
 
 
-def _storable(status: int, body: Mapping[str, Any]) -> bool:
-    if status == 503:
-        return False
-    return not (status == 502 and body.get("cxone_status") is None)
+class Store(Protocol):
+    """What ``Idempotency`` needs from a store; every method may raise on store trouble."""
 
+    def claim(self, key: str, fingerprint: str, lease_s: float, ttl_s: float) -> Stored | None:
+        """None when this call claimed the key; else what is stored for it."""
 
-class Idempotency:
-    """Runs a request at most once per key, on a shared store."""
+    def finish(self, key: str, stored: Stored, ttl_s: int) -> None: ...
 
-    def __init__(
-        self,
-        store: Any,
-        ttl_s: int,
-        lease_s: float,
-        hash_key: bytes,
-        on_store_error: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.store = store
-        self.ttl_s = ttl_s
-        self.lease_s = lease_s
-        self._hash_key = hash_key
-        self._on_store_error = on_store_error
-        self._retrier = _Retrier(lease_s)
+    def release(self, key: str, fingerprint: str) -> None: ...
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], on_store_error: Callable[[], None] = lambda: None) -> Idempotency:
-        url = config.get("IDEMPOTENCY_STORE") or default_store_url()
-        # The lease outlives the longest request (one deadline, CONTRACT.md section 3) with room to spare.
-        from .config import request_deadline_s
+    def local_key(self) -> bytes:
+        """The fingerprint key to use when none is configured (or raise ConfigError)."""
 
-        lease = request_deadline_s(config) + LEASE_MARGIN_S
-        store = open_store(url)
-        secret = config.get("IDEMPOTENCY_HASH_KEY") or config.get("AUDIT_HASH_KEY")
-        key = secret.encode() if secret else store.local_key()
-        return cls(store, int(config["IDEMPOTENCY_TTL_S"]), lease, key, on_store_error)
-
-    def run(
-        self, key: str, scope: str, raw_body: bytes, handle: Callable[[], Response], digits: str
-    ) -> tuple[Response, bool]:
-        """The response, and whether it was processed here (False: replayed or refused).
-
-        The stored body never holds the digits (a card number or PIN would sit in the store for a
-        day): they are blanked before storing and put back on replay, from this request, whose body
-        is byte-identical to the first one's.
-        """
-        store_key = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
-        fingerprint = hmac.new(self._hash_key, raw_body, hashlib.sha256).hexdigest()
-        existing = self.store.claim(store_key, fingerprint, self.lease_s, self.ttl_s)
-        if existing is not None:
-            if existing.fingerprint != fingerprint:
-                return error_response(
-                    422, "idempotency_conflict", "this Idempotency-Key was used with a different request body"
-                ), False
-            if existing.state == "in_flight":
-                return error_response(
-                    409, "idempotency_in_progress", "a request with this Idempotency-Key is still being processed"
-                ), False
-            response = Response(
-                _with_digits(existing.body, digits), status=existing.status, mimetype="application/json"
-            )
-            response.headers.update(existing.headers or {})
-            response.headers["Idempotent-Replayed"] = "true"
-            return response, False
-        try:
-            response = handle()
-        except BaseException:
-            self._settle(self.store.release, store_key, fingerprint)
-            raise
-        body = response.get_data(as_text=True)
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = {}
-        if _storable(response.status_code, parsed):
-            headers = {"Retry-After": response.headers["Retry-After"]} if "Retry-After" in response.headers else {}
-            stored = Stored("done", fingerprint, response.status_code, _with_digits(body, ""), headers)
-            self._settle(self.store.finish, store_key, stored, self.ttl_s)
-        else:
-            self._settle(self.store.release, store_key, fingerprint)
-        return response, True
-
-    def _settle(self, operation: Callable[..., None], *args: Any) -> None:
-        """Record how the request ended. CXone has answered by now, so a failing store must not turn
-        the true outcome into a 500: log, count, and keep trying in the background."""
-        try:
-            operation(*args)
-        except Exception as exc:  # noqa: BLE001 - any store failure (locked, full, unreachable)
-            self._on_store_error()
-            log.error(
-                "idempotency store failed after the request was processed (%s); the caller got the true "
-                "outcome and the store write is retried in the background",
-                type(exc).__name__,
-            )
-            self._retrier.submit(operation, args)
-
-    def flush(self, timeout_s: float) -> bool:
-        """Wait for background store writes (tests, shutdown)."""
-        return self._retrier.flush(timeout_s)
-
-    def close(self) -> None:
-        self._retrier.flush(2.0)
-        self.store.close()
-
-
-class _Retrier:
-    """Retries failed store writes until they succeed or their lease is long gone (then a repeat
-    of the key reads the lapsed lease as "unknown" instead, which still never presses twice)."""
-
-    def __init__(self, give_up_after_s: float) -> None:
-        self._give_up_s = max(give_up_after_s * 4, 120.0)
-        self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...], float]] = queue.Queue()
-        self._pid: int | None = None
-        self._lock = threading.Lock()
-        self._busy = 0
-
-    def submit(self, operation: Callable[..., None], args: tuple[Any, ...]) -> None:
-        with self._lock:
-            if self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._queue = queue.Queue()
-                self._busy = 0
-                threading.Thread(target=self._run, name="idempotency-retry", daemon=True).start()
-            self._busy += 1
-        self._queue.put((operation, args, time.monotonic() + self._give_up_s))
-
-    def _run(self) -> None:
-        delay = 0.2
-        while True:
-            operation, args, give_up_at = self._queue.get()
-            try:
-                operation(*args)
-            except Exception as exc:  # noqa: BLE001
-                if time.monotonic() < give_up_at:
-                    self._queue.put((operation, args, give_up_at))
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-                log.error("idempotency store: gave up writing a request's outcome (%s)", type(exc).__name__)
-            delay = 0.2
-            with self._lock:
-                self._busy -= 1
-
-    def flush(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._busy <= 0 or self._pid != os.getpid():
-                    return True
-            time.sleep(0.02)
-        return False
-
-
-def _with_digits(body: str, digits: str) -> str:
-    """The body with its "digits" field set to ``digits`` (same key order, same separators)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body
-    if not isinstance(data, dict) or "digits" not in data:
-        return body
-    data["digits"] = digits
-    return json.dumps(data, separators=(",", ":"))
+    def close(self) -> None: ...
 
 
 def default_store_url() -> str:
     return f"sqlite:///{os.path.abspath(os.path.join('var', 'idempotency', 'idempotency.db'))}"
 
 
-def open_store(url: str) -> Any:
-    """The store named by IDEMPOTENCY_STORE."""
+def open_store(url: str | None) -> Store:
+    """The store named by IDEMPOTENCY_STORE (default: a SQLite file under ./var)."""
+    url = url or default_store_url()
     if url.startswith("sqlite:///"):
         # SQLAlchemy's convention: sqlite:///relative/path, sqlite:////absolute/path
         return SqliteStore(url[len("sqlite:///") :])
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(url)
-    from .config import ConfigError
-
     raise ConfigError("IDEMPOTENCY_STORE: expected sqlite:///<path> or redis://host:port/db")
 
 
@@ -406,8 +233,6 @@ class RedisStore:
         self._prefix = "dtmf:idem:"
 
     def local_key(self) -> bytes:
-        from .config import ConfigError
-
         # Hosts sharing a Redis store must agree on fingerprints: a per-host random key cannot do.
         raise ConfigError("IDEMPOTENCY_HASH_KEY: required with a redis:// IDEMPOTENCY_STORE (or set AUDIT_HASH_KEY)")
 

@@ -8,7 +8,9 @@ import traceback
 from typing import Any
 
 from flask import Flask, Response
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from dtmf_service.outcome import error_body
 
 log = logging.getLogger("dtmf_service")
 
@@ -37,12 +39,8 @@ def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, st
 def error_response(
     status: int, kind: str, error: str | None = None, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
-    """The one shape of every error body: ``{"status": kind, "error": ..., ...}``."""
-    body: dict[str, Any] = {"status": kind}
-    if error is not None:
-        body["error"] = error
-    body.update(extra)
-    return json_response(body, status, headers)
+    """An error response, in the one shape of every error body (outcome.error_body)."""
+    return json_response(error_body(kind, error, **extra), status, headers)
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -54,7 +52,7 @@ def register_error_handlers(app: Flask) -> None:
         if code >= 500:
             return error_response(500, "internal_error")
         response = error_response(code, "invalid_request", _MESSAGES.get(code, exc.name.lower()))
-        if code == 405 and exc.valid_methods:
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response
 

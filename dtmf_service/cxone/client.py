@@ -13,32 +13,44 @@ that is still trickling in at that moment.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
-from .auth import TokenCache, TokenError
-from .dialects import Dialect
-from .retry import backoff_delay, is_retryable_status, parse_retry_after
-from .transport import Answer, NotSent, Transport, Unknown
+from dtmf_service.cxone.dialects import Dialect, make_dialect
+from dtmf_service.cxone.retry import backoff_delay, is_retryable_status, parse_retry_after
+from dtmf_service.cxone.tokens import NotReady, TokenCache
+from dtmf_service.cxone.transport import Answer, HttpTransport, NotSent, SimulatorTransport, Transport, Unknown
+from dtmf_service.simulator import SANDBOX_URL, Simulator
 
 RESPONSE_EXCERPT_CHARS = 1024
 
 
-@dataclass
-class SubmitResult:
-    """The outcome of one submission, ready to become an HTTP answer."""
+class Result(StrEnum):
+    """What became of one submission, in CXone's terms."""
 
-    http_status: int  # what the gateway answers: 200, 404, 502, 503, 504
-    status: str  # dtmf_submitted | submission_failed | submission_unknown
-    cxone_status: int | None
-    cxone_response: str | None
+    ACCEPTED = "accepted"  # CXone answered 2xx
+    NOT_FOUND = "not_found"  # 404: no such interaction, or no longer active
+    REJECTED = "rejected"  # another answer that sending again would not change
+    RATE_LIMITED = "rate_limited"  # still 429 when the attempts or the budget ran out
+    UNREACHABLE = "unreachable"  # no request ever reached CXone
+    UNKNOWN = "unknown"  # the request went out and no answer came back: it may have been played
+    NOT_READY = "not_ready"  # no token or endpoint could be had, so nothing was sent
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What CXone did with one submission. ``dtmf_service.parse`` turns it into the caller's answer."""
+
+    result: Result
     attempts: int
-    error: str | None = None
-    retry_after_s: int | None = None
+    cxone_status: int | None = None  # CXone's last HTTP status, if it answered
+    cxone_response: str | None = None  # the start of CXone's last answer
+    retry_after_s: float | None = None  # CXone's last Retry-After, when it was rate limiting
+    detail: str | None = None  # why, when NOT_READY (safe to show: never a secret)
 
 
 def attempt_result(status: int) -> str:
@@ -62,6 +74,7 @@ class CXoneClient:
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         on_attempt: Callable[[str], None] = lambda result: None,
+        simulator: Simulator | None = None,
     ) -> None:
         self._dialect = dialect
         self._transport = transport
@@ -75,6 +88,35 @@ class CXoneClient:
         self._base_s = float(config["CXONE_BACKOFF_BASE_S"])
         self._max_s = float(config["CXONE_BACKOFF_MAX_S"])
         self._read_s = float(config["CXONE_READ_TIMEOUT_S"])
+        self.simulator = simulator  # sandbox mode: the in-process CXone that answers instead
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        on_attempt: Callable[[str], None] = lambda result: None,
+        on_token_fetch: Callable[[str], None] = lambda result: None,
+        **overrides: Any,
+    ) -> CXoneClient:
+        """The client the configuration describes: in sandbox mode (CONTRACT.md section 5) every call
+        is answered by an in-process simulator; otherwise by CXone over HTTPS. ``overrides`` replace
+        the clock, sleep and randomness (tests)."""
+        simulator: Simulator | None = None
+        transport: Transport
+        if config["SANDBOX"]:
+            simulator = Simulator(SANDBOX_URL)
+            transport = SimulatorTransport(simulator)
+        else:
+            transport = HttpTransport(
+                float(config["CXONE_CONNECT_TIMEOUT_S"]),
+                float(config["CXONE_READ_TIMEOUT_S"]),
+                ca_bundle=config.get("CXONE_CA_BUNDLE"),
+            )
+        dialect = make_dialect(config, transport)
+        margin = float(config["CXONE_TOKEN_REFRESH_MARGIN_S"])
+        tokens = TokenCache(dialect.fetch_token, margin_s=margin, on_fetch=on_token_fetch)
+        return cls(config, dialect, transport, tokens, on_attempt=on_attempt, simulator=simulator, **overrides)
 
     def submit(
         self,
@@ -83,7 +125,7 @@ class CXoneClient:
         timeout_ms: int,
         correlation_id: str,
         headers: dict[str, str] | None = None,
-    ) -> SubmitResult:
+    ) -> Submission:
         """Send the digits; never raises for upstream trouble. ``headers`` go on every DTMF POST
         (trace context)."""
         started = self._clock()
@@ -99,8 +141,8 @@ class CXoneClient:
                 url, body, extra = self._dialect.dtmf_request(
                     interaction_id, digits, timeout_ms, correlation_id, hard_deadline - self._clock()
                 )
-            except TokenError as exc:
-                return self._failed(502, None, last[1], attempts, str(exc))
+            except NotReady as exc:
+                return Submission(Result.NOT_READY, attempts, None, last[1], detail=str(exc))
             attempts += 1
             try:
                 response = self._post(url, body, token, {**extra, **(headers or {})}, hard_deadline - self._clock())
@@ -110,30 +152,22 @@ class CXoneClient:
                 wait = backoff_delay(retries, self._base_s, self._max_s, self._rand)
             except Unknown:
                 self._on_attempt("unknown")
-                return SubmitResult(
-                    504,
-                    "submission_unknown",
-                    None,
-                    None,
-                    attempts,
-                    "CXone did not answer after the request was sent; the digits may or may not have been "
-                    "played, so they were not sent again",
-                )
+                return Submission(Result.UNKNOWN, attempts)
             else:
                 status, text = response.status, response.text[:RESPONSE_EXCERPT_CHARS]
                 self._on_attempt(attempt_result(status))
                 last = (status, text, response.headers.get("Retry-After"))
                 if 200 <= status < 300:
-                    return SubmitResult(200, "dtmf_submitted", status, text, attempts)
+                    return Submission(Result.ACCEPTED, attempts, status, text)
                 if status == 401 and not refreshed:
                     # The token was revoked or expired early: fetch a new one once and try again now.
                     refreshed = True
                     self._tokens.invalidate(token)
                     continue
                 if status == 404:
-                    return self._failed(404, 404, text, attempts, "CXone: interaction not found or no longer active")
+                    return Submission(Result.NOT_FOUND, attempts, status, text)
                 if not is_retryable_status(status):
-                    return self._failed(502, status, text, attempts, f"CXone answered {status}")
+                    return Submission(Result.REJECTED, attempts, status, text)
                 after = parse_retry_after(last[2], self._wall_clock(), self._max_s)
                 wait = after if after is not None else backoff_delay(retries, self._base_s, self._max_s, self._rand)
             if attempts >= self._max_attempts or self._clock() + wait > deadline:
@@ -151,18 +185,15 @@ class CXoneClient:
         }
         return self._transport.request("POST", url, body, headers, timeout_s)
 
-    def _give_up(self, last: tuple[int | None, str | None, str | None], attempts: int) -> SubmitResult:
+    def _give_up(self, last: tuple[int | None, str | None, str | None], attempts: int) -> Submission:
         status, text, retry_after = last
         if status == 429:
             after = parse_retry_after(retry_after, self._wall_clock(), self._max_s)
-            seconds = max(1, math.ceil(after if after is not None else self._base_s))
-            result = self._failed(503, 429, text, attempts, "CXone is still rate limiting; retry later")
-            result.retry_after_s = seconds
-            return result
+            wait = after if after is not None else self._base_s
+            return Submission(Result.RATE_LIMITED, attempts, status, text, retry_after_s=wait)
         if status is None:
-            return self._failed(502, None, None, attempts, "could not connect to CXone")
-        return self._failed(502, status, text, attempts, f"CXone answered {status}")
+            return Submission(Result.UNREACHABLE, attempts)
+        return Submission(Result.REJECTED, attempts, status, text)
 
-    @staticmethod
-    def _failed(http: int, cxone: int | None, text: str | None, attempts: int, error: str) -> SubmitResult:
-        return SubmitResult(http, "submission_failed", cxone, text, attempts, error)
+    def close(self) -> None:
+        self._transport.close()

@@ -1,4 +1,5 @@
-"""The OAuth access token cache: one token per process, one fetch at a time."""
+"""Values fetched from CXone before a DTMF POST can go out: the OAuth access token and, in the
+Agent dialect, the discovered endpoints. One cached value per process, one fetch at a time."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-class TokenError(Exception):
-    """No token could be had. The message is safe to show: it never holds a secret."""
+class NotReady(Exception):
+    """Nothing could be sent: a value the DTMF POST needs could not be had. The message is safe to
+    show: it never holds a secret."""
+
+
+class TokenError(NotReady):
+    """No access token could be had."""
+
+
+class DiscoveryError(NotReady):
+    """A CXone endpoint could not be discovered."""
 
 
 @dataclass(frozen=True)
@@ -24,18 +34,21 @@ class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.token: Token | None = None
-        self.error: TokenError | None = None
+        self.error: NotReady | None = None
 
 
-class TokenCache:
-    """Caches the bearer token and refreshes it ``margin_s`` before it expires.
+class SingleFlightCache:
+    """Caches one fetched value and fetches it again ``margin_s`` before it expires.
 
-    ``fetch(timeout_s)`` returns ``(access_token, expires_in_seconds)`` within ``timeout_s``
-    or raises TokenError. Concurrent callers that find no valid token join a single
-    in-flight fetch and share its result or its failure, so a failing token endpoint
-    sees one request per burst, not one per thread. A caller waits for the fetch no
-    longer than its own ``timeout_s``: a token never stretches a request past its deadline.
+    ``fetch(timeout_s)`` returns ``(value, expires_in_seconds)`` within ``timeout_s``
+    or raises ``error`` (a NotReady). Concurrent callers that find no valid value join a single
+    in-flight fetch and share its result or its failure, so a failing endpoint sees one
+    request per burst, not one per thread. A caller waits for the fetch no longer than its
+    own ``timeout_s``: a fetch never stretches a request past its deadline.
     """
+
+    error: type[NotReady] = NotReady  # what a failure is raised as
+    what = "CXone"  # what is fetched, for the messages
 
     def __init__(
         self,
@@ -53,7 +66,7 @@ class TokenCache:
         self._flight: _Flight | None = None
 
     def get(self, timeout_s: float = 60.0) -> str:
-        """Return a valid access token, fetching one if needed, within ``timeout_s``."""
+        """Return a valid value, fetching one if needed, within ``timeout_s``."""
         with self._lock:
             token = self._token
             if token is not None and self._clock() < token.refresh_at:
@@ -66,7 +79,7 @@ class TokenCache:
         if leader:
             self._lead(flight, timeout_s)
         elif not flight.done.wait(max(timeout_s, 0.0)):
-            raise TokenError("timed out waiting for the CXone token endpoint")
+            raise self.error(f"timed out waiting for the {self.what}")
         if flight.error is not None:
             raise flight.error
         assert flight.token is not None
@@ -86,13 +99,27 @@ class TokenCache:
             # lives less than twice the margin (under a minute with the default 30 s) is used for
             # the first half of its life instead of being fetched again on every call.
             flight.token = Token(value, self._clock() + lifetime - min(self._margin_s, lifetime / 2))
-        except TokenError as exc:
+        except NotReady as exc:
             flight.error = exc
         except Exception as exc:  # noqa: BLE001 - never let one thread's surprise strand the waiters
-            flight.error = TokenError(f"token request failed ({type(exc).__name__})")
+            flight.error = self.error(f"request to the {self.what} failed ({type(exc).__name__})")
         self._on_fetch("error" if flight.error is not None else "ok")
         with self._lock:
             if flight.token is not None:
                 self._token = flight.token
             self._flight = None
         flight.done.set()
+
+
+class TokenCache(SingleFlightCache):
+    """The bearer token, refreshed ``margin_s`` before it expires."""
+
+    error = TokenError
+    what = "CXone token endpoint"
+
+
+class EndpointCache(SingleFlightCache):
+    """A discovered endpoint (fetched once, again after a failure)."""
+
+    error = DiscoveryError
+    what = "CXone discovery documents"

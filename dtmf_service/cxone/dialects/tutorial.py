@@ -7,14 +7,12 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from ..transport import Transport
-from .common import request_token
+from dtmf_service.cxone.dialects.common import request_token
+from dtmf_service.cxone.transport import Transport
 
 
 class TutorialDialect:
     """``POST <base>/interactions/<id>/dtmf`` with ``{"digits", "timeout"}``."""
-
-    name = "tutorial"
 
     def __init__(self, config: Mapping[str, Any], transport: Transport) -> None:
         self._transport = transport

@@ -21,11 +21,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .hookspecs import DeliveryIncomplete, DeliveryRejected
-from .metrics import SharedCounters
-from .outbox import Claimed, Outbox
-from .pluginmanager import close_plugin
-from .retry import backoff_delay
+from dtmf_service.audit.outbox import Claimed, Outbox
+from dtmf_service.cxone.retry import backoff_delay
+from dtmf_service.hookspecs import AuditSink, BatchAuditSink, DeliveryIncomplete, DeliveryRejected
+from dtmf_service.metrics import Metrics
+from dtmf_service.pluginmanager import close_plugin
 
 log = logging.getLogger("dtmf_service.audit")
 
@@ -36,13 +36,11 @@ _BOUND_EVERY = 5  # maintenance rounds between size checks
 class SinkDelivery:
     """Delivers one sink's events from the outbox, at least once."""
 
-    def __init__(
-        self, name: str, sink: Any, outbox: Outbox, config: Mapping[str, Any], counters: SharedCounters
-    ) -> None:
+    def __init__(self, name: str, sink: AuditSink, outbox: Outbox, config: Mapping[str, Any], metrics: Metrics) -> None:
         self.name = name
         self.sink = sink
         self.outbox = outbox
-        self._counters = counters
+        self._counts = metrics.sink(name)
         self._batch = int(config["AUDIT_BATCH_SIZE"])
         self._idle_s = float(config["AUDIT_BATCH_WAIT_S"]) or 0.05
         self._attempts = int(config["AUDIT_RETRY_ATTEMPTS"])
@@ -51,8 +49,6 @@ class SinkDelivery:
         self._lease_s = float(config["AUDIT_LEASE_S"])
         self._down_level = 0
         self._down_until = 0.0
-        self._prefix = f"audit.{name}."
-        counters.declare([self._prefix + "delivered", self._prefix + "failed_attempts", self._prefix + "dead_letters"])
 
     def step(self, consumer: str) -> bool:
         """One claim-deliver-acknowledge round; False when there was nothing to do now."""
@@ -66,17 +62,17 @@ class SinkDelivery:
         delivered, failed, rejected, error = self._attempt(claimed)
         if delivered:
             self.outbox.ack(self.name, [c.ref for c in delivered])
-            self._counters.inc(self._prefix + "delivered", len(delivered))
+            self._counts.delivered(len(delivered))
         for item in rejected:
             if item.attempts >= self._attempts:
                 self.outbox.dead_letter(self.name, item, f"refused by the receiver ({type(error).__name__})")
-                self._counters.inc(self._prefix + "dead_letters")
+                self._counts.dead_letter()
                 log.error("audit sink %s: event %s refused %d times: set aside as a dead letter",
                           self.name, item.event.get("event_id"), item.attempts)  # fmt: skip
             else:
                 self.outbox.retry(self.name, [item.ref], self._backoff(item.attempts - 1))
         if failed:
-            self._counters.inc(self._prefix + "failed_attempts")
+            self._counts.failed_attempt()
             if delivered or rejected:
                 delay = self._backoff(min(c.attempts for c in failed) - 1)  # the sink is up: only these wait
             else:
@@ -89,10 +85,9 @@ class SinkDelivery:
     def _attempt(self, claimed: list[Claimed]) -> tuple[list[Claimed], list[Claimed], list[Claimed], Any]:
         """Hand the batch to the sink: (delivered, failed for now, refused for good, the first error)."""
         events = [c.event for c in claimed]
-        many = getattr(self.sink, "deliver_many", None)
-        if many is not None:
+        if isinstance(self.sink, BatchAuditSink):
             try:
-                many(events)
+                self.sink.deliver_many(events)
                 return claimed, [], [], None
             except DeliveryIncomplete as exc:
                 left = {e.get("event_id") for e in exc.undelivered}
@@ -110,7 +105,7 @@ class SinkDelivery:
                 self._log_failure(exc)
                 return [], claimed, [], exc
         delivered, rejected = [], []
-        error: Any = None
+        first_error: Any = None
         for index, item in enumerate(claimed):
             try:
                 self.sink.deliver(item.event)
@@ -118,11 +113,11 @@ class SinkDelivery:
             except DeliveryRejected as exc:
                 self._log_failure(exc)
                 rejected.append(item)
-                error = exc
+                first_error = exc
             except Exception as exc:  # noqa: BLE001
                 self._log_failure(exc)
                 return delivered, claimed[index:], rejected, exc
-        return delivered, [], rejected, error
+        return delivered, [], rejected, first_error
 
     def _backoff(self, retry_number: int) -> float:
         return backoff_delay(max(retry_number, 0), self._base_s, self._max_s, rand=lambda: 0.5 + random.random() / 2)
@@ -142,19 +137,18 @@ class DeliveryEngine:
     """The delivery threads of this process: one per sink, plus maintenance; restarted after fork."""
 
     def __init__(
-        self, sinks: Mapping[str, Any], outbox: Outbox, config: Mapping[str, Any], counters: SharedCounters
+        self, sinks: Mapping[str, AuditSink], outbox: Outbox, config: Mapping[str, Any], metrics: Metrics
     ) -> None:
         self.sinks = dict(sinks)
         self.outbox = outbox
-        self.deliveries = {name: SinkDelivery(name, sink, outbox, config, counters) for name, sink in sinks.items()}
+        self.deliveries = {name: SinkDelivery(name, sink, outbox, config, metrics) for name, sink in sinks.items()}
         self._idle_s = float(config["AUDIT_BATCH_WAIT_S"]) or 0.05
-        self._counters = counters
+        self._metrics = metrics
         self._pid: int | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        counters.declare(["audit_dropped"])
 
     @property
     def consumer(self) -> str:
@@ -211,7 +205,7 @@ class DeliveryEngine:
                 rounds += 1
                 if rounds % _BOUND_EVERY == 0:
                     for sink, count in self.outbox.enforce_bound().items():
-                        self._counters.inc("audit_dropped", count)
+                        self._metrics.audit_dropped(count)
                         log.error("audit outbox full (AUDIT_SPOOL_MAX_MB): dropped the %d oldest events of sink %s",
                                   count, sink)  # fmt: skip
             except Exception as exc:  # noqa: BLE001
@@ -239,29 +233,3 @@ class DeliveryEngine:
                 return True
             time.sleep(0.02)
         return False
-
-    def metrics(self, totals: Mapping[str, float]) -> dict[str, Any]:
-        """Host-wide figures: the backlog from the outbox, the counts from the shared counters.
-        An outbox that cannot be read (disk gone read-only, Redis down) gives null backlog figures."""
-        try:
-            backlog: Mapping[str, Any] | None = self.outbox.backlog()
-        except Exception as exc:  # noqa: BLE001 - metrics must answer while the outbox is in trouble
-            log.error("audit outbox: cannot read the backlog (%s)", type(exc).__name__)
-            backlog = None
-        sinks = {}
-        for name in self.deliveries:
-            found = backlog.get(name) if backlog is not None else None
-            prefix = f"audit.{name}."
-            sinks[name] = {
-                "audit_pending": (found.pending if found else 0) if backlog is not None else None,
-                "audit_oldest_pending_s": found.oldest_pending_s if found else None,
-                "audit_delivered": int(totals.get(prefix + "delivered", 0)),
-                "audit_failed_attempts": int(totals.get(prefix + "failed_attempts", 0)),
-                "audit_dead_letters": found.dead_letters if found else 0,
-                "audit_dropped": found.dropped if found else 0,
-            }
-        return {
-            "audit_pending": sum(s["audit_pending"] for s in sinks.values()) if backlog is not None else None,
-            "audit_dropped": int(totals.get("audit_dropped", 0)),
-            "audit_sinks": sinks,
-        }

@@ -39,10 +39,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .events import AuditEvent
-from .journal import FINAL, INTENT, Journal, JournalFull, recover_orphans
-from .metrics import pid_alive
-from .sqlite_wal import initialise, retry_busy
+from dtmf_service.audit.event import AuditEvent
+from dtmf_service.audit.journal import FINAL, INTENT, Journal, JournalFull, recover_orphans
+from dtmf_service.processes import pid_alive
+from dtmf_service.sqlite_wal import initialise, retry_busy
 
 log = logging.getLogger("dtmf_service.audit")
 
@@ -641,9 +641,9 @@ def open_outbox(config: Mapping[str, Any], sinks: Iterable[str]) -> Outbox:
     if url.startswith("sqlite:///"):
         return SqliteOutbox(url[len("sqlite:///") :], sinks, max_bytes, bool(config.get("AUDIT_OUTBOX_FSYNC")))
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from .outbox_redis import RedisOutbox
+        from dtmf_service.audit.outbox_redis import RedisOutbox
 
         return RedisOutbox(url, sinks, max_bytes)
-    from .config import ConfigError
+    from dtmf_service.config import ConfigError
 
     raise ConfigError("AUDIT_OUTBOX: expected sqlite:///<path> or redis://host:port/db")

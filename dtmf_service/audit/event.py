@@ -8,23 +8,13 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from typing import Any
 
 SENT_TEXT_CHARS = 256
 
-# The response status of each counted outcome, and the metric it counts in (CONTRACT.md section 4).
-CATEGORY = {
-    "dtmf_submitted": "successful_parses",
-    "invalid_request": "validation_failures",
-    "validation_failed": "validation_failures",
-    "submission_failed": "submission_failures",
-    "submission_unknown": "submission_failures",
-    "internal_error": "submission_failures",
-}
 
-
-class AuditEvent(dict):  # type: ignore[type-arg]
+class AuditEvent(dict[str, Any]):
     """An audit event as sinks receive it: a plain dict, plus the compact JSON it was stored as, so
     that a sink writing JSON need not serialise it again (read it with ``event_json``)."""
 
@@ -39,11 +29,6 @@ def event_json(event: Mapping[str, Any]) -> str:
     """The event's compact JSON: the stored text when the core has it, else ``json.dumps``."""
     text = getattr(event, "json", None)
     return text if text is not None else json.dumps(event, separators=(",", ":"))
-
-
-def outcome_category(outcome: str) -> str | None:
-    """The section 4 counter an event's ``outcome`` belongs to (None: not counted)."""
-    return CATEGORY.get(outcome)
 
 
 class Redactor:
@@ -89,8 +74,8 @@ def build_event(
     client_ip: str | None,
     sent: Mapping[str, Any] | None,
     valid: Mapping[str, Any] | None,
-    invalid_fields: set[str],
-    latency_ms: float,
+    invalid_fields: Set[str],
+    latency_ms: float | None,
     cxone_status: int | None,
     cxone_response: str | None,
     outcome: str,
@@ -143,7 +128,7 @@ def build_event(
 def finish_event(
     placeholder: Mapping[str, Any],
     valid: Mapping[str, Any],
-    latency_ms: float,
+    latency_ms: float | None,
     cxone_status: int | None,
     cxone_response: str | None,
     outcome: str,

@@ -1,0 +1,1 @@
+"""The HTTP layer: the blueprint, caller authentication, body reading, JSON errors, schemas, OpenAPI."""

@@ -1,0 +1,116 @@
+"""The blueprint: POST /api/dtmf/parse, GET /api/metrics, GET /metrics, GET /healthz, GET /api/openapi.json.
+
+Views stay thin: authenticate (``before_request``), read the body, call ``handle_parse``,
+count and audit the outcome, render it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from flask import Blueprint, Response, current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from dtmf_service.deadlines import request_read_done
+from dtmf_service.hookspecs import RenderingExporter
+from dtmf_service.outcome import Facts, Outcome, RequestContext
+from dtmf_service.parse import internal_error, invalid
+from dtmf_service.web.body import BodyIncomplete, UnsupportedMediaType, read_body
+from dtmf_service.web.errors import error_response, json_response
+from dtmf_service.web.security import authenticate
+
+if TYPE_CHECKING:
+    from dtmf_service.wiring import Components
+
+bp = Blueprint("dtmf", __name__)
+
+
+def components() -> Components:
+    return current_app.extensions["dtmf"]
+
+
+@bp.before_request
+def _authenticate() -> Response | None:
+    c = components()
+    return authenticate(c.authenticator, bool(c.config["METRICS_PUBLIC"]))
+
+
+@bp.post("/api/dtmf/parse")
+def parse() -> Response:
+    c = components()
+    ctx = RequestContext(
+        request_id=g.request_id,
+        trace_id=g.trace_id,
+        trace_flags=g.trace_flags,
+        caller=g.caller,
+        client_ip=request.remote_addr,
+        started=g.started,
+        idempotency_key=request.headers.get("Idempotency-Key"),
+    )
+    outcome = _handle(c, ctx)
+    if outcome.counted:
+        c.metrics.count_request(outcome)
+        c.trail.record(outcome, ctx)
+    return render(outcome)
+
+
+def _handle(c: Components, ctx: RequestContext) -> Outcome:
+    try:
+        raw = read_body(request.environ, c.max_body)
+    except RequestEntityTooLarge:
+        return invalid(413, f"request body larger than {c.max_body} bytes", _no_facts(), ctx)
+    except UnsupportedMediaType:
+        return invalid(415, "Content-Type must be application/json", _no_facts(), ctx)
+    except BodyIncomplete:
+        return invalid(408, "the request body did not arrive in time", _no_facts(), ctx)
+    except Exception as exc:  # noqa: BLE001 - counted as section 4 asks, like any unexpected error
+        return internal_error(exc, _no_facts(), ctx)
+    finally:
+        request_read_done()  # the body is in (or refused): the slow-client alarm has done its job
+    return c.parser.handle_parse(raw, ctx)
+
+
+def _no_facts() -> Facts:
+    return Facts(event_id=str(uuid.uuid4()))
+
+
+def render(outcome: Outcome) -> Response:
+    response = Response(outcome.body_json(), status=outcome.http_status, mimetype="application/json")
+    response.headers.update(dict(outcome.headers))
+    return response
+
+
+@bp.get("/api/metrics")
+def metrics() -> Response:
+    c = components()
+    if "memory" not in c.exporters:
+        # CONTRACT.md section 5: the ``memory`` exporter is what serves this endpoint.
+        return error_response(404, "invalid_request", "the 'memory' metrics exporter is not enabled")
+    return json_response(c.metrics.snapshot())
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    """The Prometheus exposition (CONTRACT.md section 11), protected like /api/metrics."""
+    c = components()
+    exporter = c.exporters.get("prometheus")
+    if not isinstance(exporter, RenderingExporter):
+        return error_response(404, "invalid_request", "the 'prometheus' metrics exporter is not enabled")
+    return Response(exporter.render(c.metrics.core_figures()), content_type=exporter.content_type)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    c = components()
+    return json_response({"status": "ok", "mode": c.mode, "api": c.config["CXONE_API"]})
+
+
+@bp.get("/api/openapi.json")
+def openapi() -> Response:
+    document: dict[str, Any] | None = current_app.extensions.get("dtmf.openapi")
+    if document is None:
+        from dtmf_service.web.openapi import build_document
+
+        document = current_app.extensions["dtmf.openapi"] = build_document(components().config)
+    return json_response(document)
