@@ -22,14 +22,16 @@ $(TEST_STAMP): setup.cfg pyproject.toml | $(BIN)/python
 run: $(RUN_STAMP)  ## start gunicorn on 127.0.0.1:8080 (sandbox mode unless CXone is configured)
 	$(BIN)/gunicorn -c gunicorn.conf.py app:app
 
-test: $(TEST_STAMP)  ## lint and format check, then the whole suite
+test: $(TEST_STAMP)  ## lint, format and type checks, then the whole suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(TEST_STAMP)
 	$(BIN)/ruff format .
