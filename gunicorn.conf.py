@@ -61,14 +61,6 @@ def on_starting(server):
         os.environ["DTMF_METRICS_DIR"] = directory
     os.makedirs(directory, exist_ok=True)
     _counters.wipe(directory)
-    # prometheus_client's multiprocess mode reads this when it is first imported: set it before any
-    # worker exists (and before the configuration check below imports the plugins).
-    prometheus_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(directory, "prometheus")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = prometheus_dir
-    os.makedirs(prometheus_dir, exist_ok=True)
-    for name in os.listdir(prometheus_dir):
-        if name.endswith(".db"):
-            os.unlink(os.path.join(prometheus_dir, name))
     # Fail fast in the master, with one line, on a bad configuration or an unknown plugin name.
     from dtmf_service.audit.outbox import open_outbox
     from dtmf_service.idempotency import Idempotency
@@ -83,9 +75,7 @@ def on_starting(server):
         Idempotency.from_config(probe).close()
         if probe["AUDIT_SINKS"]:
             outbox = open_outbox(probe, probe["AUDIT_SINKS"])  # the audit outbox too
-            importer = getattr(outbox, "import_legacy_spool", None)
-            if importer is not None:
-                importer()  # an earlier version's spool, before any worker exists
+            outbox.import_legacy_spool()  # an earlier version's spool, before any worker exists
             outbox.close()
     except _cfg.ConfigError as exc:
         logging.getLogger("gunicorn.error").error("dtmf-gateway: configuration error: %s", exc)
@@ -108,10 +98,6 @@ def child_exit(server, worker):
             _counters.fold_dead(directory, worker.pid)
         except OSError as exc:
             logging.getLogger("gunicorn.error").error("dtmf-gateway: could not fold worker counters: %s", exc)
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(worker.pid)  # its live gauges go; its counters stay in the totals
 
 
 def worker_exit(server, worker):

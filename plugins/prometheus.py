@@ -1,74 +1,42 @@
 """Metrics exporter ``prometheus``: GET /metrics in the Prometheus text format (CONTRACT.md section 11).
 
-Exact across every gunicorn worker and across worker restarts with prometheus_client's
-multiprocess mode: gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a directory of the
-master's (wiped when it starts) before any worker imports the client, and calls
-``mark_process_dead`` when a worker exits. Outside gunicorn (tests, ``flask run``) the values live
-in this process. The core's own figures (CXone attempts and token fetches by result, the audit
-backlog) are added at scrape time from the shared counters and the outbox.
+It only exports. Every figure is the core's (dtmf_service.metrics), kept in the shared counter
+files that are exact across every gunicorn worker and across worker restarts, and rendered
+here with prometheus_client's exposition code at scrape time. prometheus_client's own
+multiprocess mode is not used: it keeps a file per worker that ever lived (its
+``mark_process_dead`` removes live gauges only), so a scrape would read more files after every
+restart, and a second store would have to agree with the first.
 
-Histogram buckets are chosen for a CXone that answers in 5 to 500 ms, with room above for
-retries and back-off: 5, 10, 25, 50, 75, 100, 150, 200, 300, 500, 750 ms, 1, 2.5, 5, 10, 25 s.
+Histogram buckets (dtmf_service.metrics.DURATION_BUCKETS_S) are chosen for a CXone that answers
+in 5 to 500 ms, with room above for retries and back-off: 5, 10, 25, 50, 75, 100, 150, 200,
+300, 500, 750 ms, 1, 2.5, 5, 10, 25 s.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from dtmf_service import hookimpl
 
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 25.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# The section 4 counters' outcomes: a request answered from the idempotency store, or 401, is none.
-_COUNTED = frozenset(
-    {"dtmf_submitted", "invalid_request", "validation_failed", "submission_failed", "submission_unknown",
-     "internal_error"}
-)  # fmt: skip
 
 
 class PrometheusExporter:
-    """Counts each request and observes its duration; renders the whole host's figures on scrape."""
+    """Renders the core's figures on scrape; there is nothing to do per event."""
 
     content_type = CONTENT_TYPE
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self.multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        self._own = CollectorRegistry()  # this process's values when not in multiprocess mode
-        into = None if self.multiproc_dir else self._own
-        self.requests = Counter(
-            "dtmf_requests_total", "POSTs to /api/dtmf/parse, by response status", ["outcome"], registry=into
-        )
-        self.duration = Histogram(
-            "dtmf_request_duration_seconds",
-            "Wall time of handling a POST to /api/dtmf/parse, by response status",
-            ["outcome"],
-            buckets=BUCKETS,
-            registry=into,
-        )
-
     def record(self, event: dict[str, Any]) -> None:
-        outcome = event.get("outcome")
-        if outcome not in _COUNTED:
-            return
-        self.requests.labels(outcome).inc()
-        latency_ms = event.get("latency_ms")
-        if latency_ms is not None:
-            self.duration.labels(outcome).observe(float(latency_ms) / 1000.0)
+        pass
 
     def render(self, core: Mapping[str, Any]) -> bytes:
-        """The exposition: every worker's request metrics, plus the core's figures."""
+        """The exposition of the whole host's figures."""
         registry = CollectorRegistry()
-        if self.multiproc_dir:
-            MultiProcessCollector(registry, path=self.multiproc_dir)
-        else:
-            for collector in (self.requests, self.duration):
-                registry.register(collector)
         registry.register(_CoreCollector(core))
         return generate_latest(registry)
 
@@ -78,6 +46,22 @@ class _CoreCollector:
         self.core = core
 
     def collect(self) -> Iterator[Any]:
+        requests = CounterMetricFamily(
+            "dtmf_requests", "POSTs to /api/dtmf/parse, by response status", labels=["outcome"]
+        )
+        for outcome, count in self.core.get("requests", {}).items():
+            requests.add_metric([outcome], count)
+        yield requests
+        duration = HistogramMetricFamily(
+            "dtmf_request_duration_seconds",
+            "Wall time of handling a POST to /api/dtmf/parse, by response status",
+            labels=["outcome"],
+        )
+        bounds = [floatToGoString(b) for b in self.core.get("duration_buckets_s", ())] + ["+Inf"]
+        for outcome, figures in self.core.get("duration", {}).items():
+            buckets = list(zip(bounds, figures["buckets"], strict=True))
+            duration.add_metric([outcome], buckets, sum_value=figures["sum"])
+        yield duration
         attempts = CounterMetricFamily("dtmf_cxone_attempts", "DTMF POSTs made to CXone, by result", labels=["result"])
         for result, count in self.core.get("cxone_attempts", {}).items():
             attempts.add_metric([result], count)
@@ -114,4 +98,4 @@ class _CoreCollector:
 
 @hookimpl
 def dtmf_metrics_exporter(name: str, config: Mapping[str, Any]) -> PrometheusExporter | None:
-    return PrometheusExporter(config) if name == "prometheus" else None
+    return PrometheusExporter() if name == "prometheus" else None

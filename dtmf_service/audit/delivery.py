@@ -195,9 +195,7 @@ class DeliveryEngine:
         rounds = 0
         while not self._stop.wait(_MAINTENANCE_S):
             try:
-                check_file = getattr(self.outbox, "check_file", None)
-                if check_file is not None:
-                    check_file()
+                self.outbox.check_file()
                 recovered = self.outbox.recover()
                 if recovered:
                     log.warning("audit: %d request(s) whose worker died were audited as submission_unknown",
@@ -225,9 +223,7 @@ class DeliveryEngine:
     def flush(self, timeout_s: float) -> bool:
         """Wait until no event is pending for any sink (tests and benchmarks)."""
         deadline = time.monotonic() + timeout_s
-        flush = getattr(self.outbox, "flush", None)
-        if flush is not None:
-            flush(timeout_s)  # this process's journal into the outbox first
+        self.outbox.flush(timeout_s)  # this process's journal into the outbox first
         while time.monotonic() < deadline:
             if all(b.pending == 0 for b in self.outbox.backlog().values()):
                 return True

@@ -246,5 +246,14 @@ class RedisOutbox:
             moved += 1
         return moved
 
+    def check_file(self) -> int:
+        return 0  # no local file: the events live in Redis
+
+    def import_legacy_spool(self) -> int:
+        return 0  # an upgrade onto Redis starts a new outbox; the old spool is imported with SQLite only
+
+    def flush(self, timeout_s: float) -> bool:
+        return True  # every write is in Redis when intend() or commit() returns
+
     def close(self) -> None:
         self._r.close()

@@ -10,6 +10,7 @@ request histogram, ``statsd`` forwards each event as it happens.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -29,6 +30,9 @@ CATEGORY = {
     "internal_error": "submission_failures",
 }
 REQUEST_COUNTERS = ("successful_parses", "validation_failures", "submission_failures", "latency_ms_sum")
+# dtmf_request_duration_seconds: for a CXone that answers in 5 to 500 ms, with room above for
+# retries and back-off. Stored per bucket (not cumulative): one increment per request.
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 25.0)
 ATTEMPT_RESULTS = ("2xx", "4xx", "429", "5xx", "not_sent", "unknown")  # dtmf_cxone_attempts_total{result}
 TOKEN_FETCH_RESULTS = ("ok", "error")
 ERROR_COUNTERS = ("idempotency_store_errors", "audit_dropped", "audit_outbox_errors")
@@ -57,6 +61,9 @@ class Metrics:
     def __init__(self, directory: str) -> None:
         self.counters = shared_counters(directory)
         self.counters.declare(REQUEST_COUNTERS)
+        for status in CATEGORY:
+            self.counters.declare([f"requests.{status}", f"duration.{status}.sum"])
+            self.counters.declare([f"duration.{status}.{i}" for i in range(len(DURATION_BUCKETS_S) + 1)])
         self.counters.declare([f"cxone_attempts.{r}" for r in ATTEMPT_RESULTS])
         self.counters.declare([f"cxone_token_fetches.{r}" for r in TOKEN_FETCH_RESULTS])
         self.counters.declare(ERROR_COUNTERS)
@@ -65,13 +72,19 @@ class Metrics:
 
     # -- writes ----------------------------------------------------------------------------------
     def count_request(self, outcome: Outcome) -> None:
-        """One counted request, in exactly one section 4 category; latency for successes only."""
-        category = outcome_category(outcome.status)
+        """One counted request: in exactly one section 4 category (average latency over successes
+        only), and by status with its duration (section 11)."""
+        status = outcome.status
+        category = outcome_category(status)
         if category is None:
             return
-        amounts = {category: 1.0}
-        if category == "successful_parses":
-            amounts["latency_ms_sum"] = float(outcome.latency_ms or 0.0)
+        amounts = {category: 1.0, f"requests.{status}": 1.0}
+        if outcome.latency_ms is not None:
+            seconds = outcome.latency_ms / 1000.0
+            amounts[f"duration.{status}.{bisect.bisect_left(DURATION_BUCKETS_S, seconds)}"] = 1.0
+            amounts[f"duration.{status}.sum"] = seconds
+            if category == "successful_parses":
+                amounts["latency_ms_sum"] = outcome.latency_ms
         self.counters.add_many(amounts)
 
     def cxone_attempt(self, result: str) -> None:
@@ -129,10 +142,21 @@ class Metrics:
         }
 
     def core_figures(self) -> dict[str, Any]:
-        """What only the core knows, for exporters that serve it (Prometheus): CXone attempts and
-        token fetches by result, and the audit figures per sink."""
+        """Every figure by label, for exporters that are scraped (Prometheus): requests and their
+        duration by status (cumulative buckets, +Inf last), CXone attempts and token fetches by
+        result, the audit figures per sink."""
         totals = self.counters.totals()
+        duration = {}
+        for status in CATEGORY:
+            running, buckets = 0, []
+            for i in range(len(DURATION_BUCKETS_S) + 1):
+                running += int(totals.get(f"duration.{status}.{i}", 0))
+                buckets.append(running)
+            duration[status] = {"buckets": buckets, "sum": totals.get(f"duration.{status}.sum", 0.0)}
         return {
+            "requests": {status: int(totals.get(f"requests.{status}", 0)) for status in CATEGORY},
+            "duration_buckets_s": DURATION_BUCKETS_S,
+            "duration": duration,
             "cxone_attempts": {r: int(totals.get(f"cxone_attempts.{r}", 0)) for r in ATTEMPT_RESULTS},
             "cxone_token_fetches": {r: int(totals.get(f"cxone_token_fetches.{r}", 0)) for r in TOKEN_FETCH_RESULTS},
             "audit_sinks": self._audit_sinks(totals),

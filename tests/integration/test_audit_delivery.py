@@ -156,7 +156,7 @@ def test_sigterm_during_a_retry_wait_completes_the_request_and_keeps_its_event(
     assert response.status_code == 200
     assert response.json()["attempts"] == 2
     # The event was in the outbox before the answer left; delivered already, or waiting for the next start.
-    from dtmf_service.audit.outbox import SqliteOutbox
+    from dtmf_service.audit.outbox_sqlite import SqliteOutbox
 
     backlog = SqliteOutbox(str(tmp_path / "spool" / "outbox.db"), ("file",), 1 << 30).backlog()
     assert len(file_ids(tmp_path)) + backlog["file"].pending == 1

@@ -14,7 +14,7 @@ import pytest
 
 from dtmf_service import DeliveryIncomplete, DeliveryRejected
 from dtmf_service.audit.delivery import DeliveryEngine, SinkDelivery
-from dtmf_service.audit.outbox import SqliteOutbox
+from dtmf_service.audit.outbox_sqlite import SqliteOutbox
 from dtmf_service.metrics import Metrics
 from plugins.file import FileSink
 from tests.helpers import wait_until

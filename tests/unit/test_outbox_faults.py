@@ -69,7 +69,7 @@ def test_the_request_path_does_a_small_constant_amount_of_audit_work(make_app, t
 
 
 def test_fsync_is_a_setting_off_by_default(tmp_path):
-    from dtmf_service.audit.outbox import SqliteOutbox
+    from dtmf_service.audit.outbox_sqlite import SqliteOutbox
 
     default = SqliteOutbox(str(tmp_path / "a" / "outbox.db"), ("s",), 1 << 30)
     durable = SqliteOutbox(str(tmp_path / "b" / "outbox.db"), ("s",), 1 << 30, fsync=True)

@@ -1,0 +1,589 @@
+"""The audit outbox on SQLite (the default): one file in WAL mode shared by every process of the host.
+
+The request path writes through a per-process journal (journal.py) and a group-commit writer
+thread; the delivery side claims, acknowledges and retries with one statement each, the
+triggers in ``_SCHEMA`` fanning an event out to its sinks and settling it. The interface and
+its guarantees are described in outbox.py.
+
+SQLite with synchronous=NORMAL survives any process crash (the WAL is in the kernel's page cache);
+AUDIT_OUTBOX_FSYNC=true (synchronous=FULL, and msync of the journal) also survives a machine crash.
+
+Longer than the project's usual module: the SQLite outbox, its group-commit writer and its file
+recovery are one unit that share the connection rules and the write lock; splitting them would
+spread those rules over several files.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from dtmf_service.audit.event import AuditEvent
+from dtmf_service.audit.journal import FINAL, INTENT, Journal, JournalFull, recover_orphans
+from dtmf_service.audit.outbox import Claimed, SinkBacklog
+from dtmf_service.processes import pid_alive
+from dtmf_service.sqlite_wal import initialise, retry_busy
+
+log = logging.getLogger("dtmf_service.audit")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL,"
+    " created REAL NOT NULL, body TEXT NOT NULL, only_sink TEXT)",
+    # Keyed by event first: a new event's rows land on the one page at the tail, and "is anything left
+    # for this event" needs no second index. The claim token is indexed only while it is set.
+    "CREATE TABLE IF NOT EXISTS pending (event INTEGER NOT NULL, sink TEXT NOT NULL,"
+    " next_try REAL NOT NULL DEFAULT 0, lease_until REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,"
+    " token TEXT, PRIMARY KEY (event, sink)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS pending_token ON pending (token) WHERE token IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS sinks (name TEXT PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS intents (event_id TEXT PRIMARY KEY, pid INTEGER NOT NULL,"
+    " lease_until REAL NOT NULL, body TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS dead_letters (sink TEXT NOT NULL, event_id TEXT NOT NULL, failed REAL NOT NULL,"
+    " reason TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (sink, event_id))",
+    "CREATE TABLE IF NOT EXISTS dropped (sink TEXT PRIMARY KEY, count INTEGER NOT NULL)",
+    # Every write is one statement: the triggers do the rest inside it, so SQLite's write lock is held
+    # only within one C call, never across a GIL hand-off between Python statements.
+    "CREATE TRIGGER IF NOT EXISTS events_fan_out AFTER INSERT ON events BEGIN"
+    " INSERT INTO pending (event, sink) SELECT NEW.id, name FROM sinks"
+    " WHERE NEW.only_sink IS NULL OR name = NEW.only_sink;"
+    " DELETE FROM intents WHERE event_id = NEW.event_id; END",
+    "CREATE TRIGGER IF NOT EXISTS events_settled AFTER DELETE ON pending"
+    " WHEN NOT EXISTS (SELECT 1 FROM pending WHERE event = OLD.event) BEGIN"
+    " DELETE FROM events WHERE id = OLD.event; END",
+)
+
+
+def _dumps(event: Mapping[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"))
+
+
+class SqliteOutbox:
+    """The host's outbox: one SQLite file in WAL mode, shared by every worker of every master."""
+
+    def __init__(self, path: str, sinks: Iterable[str], max_bytes: int, fsync: bool = False) -> None:
+        self.path = path
+        self.sinks = tuple(sinks)
+        self.max_bytes = max_bytes
+        self._synchronous = "FULL" if fsync else "NORMAL"
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not os.path.exists(path):
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # digits may be in events: owner only
+        self._local = threading.local()
+        self._connections: list[tuple[int, sqlite3.Connection]] = []
+        self._generation = 0  # bumped by close(): every thread then opens a fresh connection
+        self._initialise()
+        self._inode = os.stat(path).st_ino
+        # A connection opened with the file and kept: if the file is deleted at run time, this one
+        # still reads it (and its WAL), so check_file() can move what it holds into a new one.
+        self._anchor: tuple[int, sqlite3.Connection] = (os.getpid(), _anchor(path))
+        self._migrate_lock = threading.Lock()  # the writer's batches versus moving to a new file
+        self._fsync = fsync
+        self._journal = Journal(os.path.join(directory, "journals"))
+        self._writer = _GroupCommit(self)
+        if self.sinks:
+            # The sinks every new event fans out to: those of the process that started last.
+            self._transaction(lambda db: self._set_sinks(db))
+
+    # -- connections ---------------------------------------------------------------------------
+    def _initialise(self) -> None:
+        def schema(db: sqlite3.Connection) -> None:
+            for statement in _SCHEMA:
+                db.execute(statement)
+
+        initialise(self.path, schema)
+
+    def _db(self) -> sqlite3.Connection:
+        # One connection per thread and per process: SQLite connections survive neither sharing nor fork.
+        owner = (os.getpid(), threading.get_ident(), self._generation)
+        db = getattr(self._local, "db", None)
+        if db is None or getattr(self._local, "owner", None) != owner:
+            # No busy timeout: retry_busy waits half a millisecond at a time instead of SQLite's
+            # sleeps of several milliseconds.
+            db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+            db.execute(f"PRAGMA synchronous={self._synchronous}")
+            # The same few tail pages change with every write: checkpoint them less often (a WAL of up
+            # to ~40 MB), and give the file back its space afterwards.
+            db.execute("PRAGMA wal_autocheckpoint=10000")
+            db.execute("PRAGMA journal_size_limit=67108864")
+            self._local.db, self._local.owner = db, owner
+            self._connections.append((os.getpid(), db))
+        return db
+
+    def _set_sinks(self, db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM sinks")
+        db.executemany("INSERT INTO sinks VALUES (?)", [(sink,) for sink in self.sinks])
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """One statement, atomic on its own (autocommit), retried while another writer holds the lock."""
+        db = self._db()
+        return retry_busy(lambda: db.execute(sql, params))
+
+    def _transaction(self, work: Any) -> Any:
+        db = self._db()
+        retry_busy(lambda: db.execute("BEGIN IMMEDIATE"))
+        try:
+            result = work(db)
+            db.execute("COMMIT")
+            return result
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- request path --------------------------------------------------------------------------
+    def intend(self, event: Mapping[str, Any], lease_s: float) -> int | None:
+        """The placeholder, durable before this returns: a journal slot (the ticket for ``commit``)."""
+        body = _dumps(event)
+        try:
+            slot = self._journal.acquire()
+        except JournalFull:
+            slot = None
+        if slot is not None:
+            try:
+                self._journal.write(slot, INTENT, body.encode())
+                if self._fsync:
+                    self._journal.sync()
+                return slot
+            except JournalFull:
+                self._journal.release(slot)
+        # No room in the journal (or an event too large for a slot): through SQLite, waiting for it.
+        self._writer.write(_Write("intent", (event["event_id"], os.getpid(), time.time() + lease_s, body)))
+        return None
+
+    def commit(self, event: Mapping[str, Any], ticket: int | None = None) -> None:
+        """The final event, durable before this returns (in the journal); the writer thread moves it
+        into SQLite in the background. Without journal room, through SQLite, waiting for it."""
+        row = (event["event_id"], time.time(), _dumps(event))
+        slot = ticket
+        try:
+            if slot is None:
+                slot = self._journal.acquire()
+            self._journal.write(slot, FINAL, row[2].encode())
+        except JournalFull:
+            if slot is not None:
+                self._journal.release(slot)
+            self._writer.write(_Write("event", row))
+            return
+        if self._fsync:
+            self._journal.sync()
+        self._writer.write(_Write("event", row, slot), wait=False)
+
+    def _write_batch(self, batch: Sequence[_Write]) -> None:
+        """A batch of request writes: one multi-row statement for the placeholders and one for the
+        events (the triggers fan each event out to its sinks and drop its placeholder)."""
+        intents = [item.row for item in batch if item.kind == "intent"]
+        events = [item.row for item in batch if item.kind == "event"]
+        for start in range(0, len(intents), 200):
+            chunk = intents[start : start + 200]
+            self._execute(
+                "INSERT OR REPLACE INTO intents VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk)),  # noqa: S608 - markers only
+                [value for row in chunk for value in row],
+            )
+        for start in range(0, len(events), 200):
+            chunk = events[start : start + 200]
+            self._execute(
+                "INSERT INTO events (event_id, created, body) VALUES "  # noqa: S608 - "?" markers only
+                + ",".join(["(?, ?, ?)"] * len(chunk)),
+                [value for row in chunk for value in row],
+            )
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, event_id: str, body: str, only_sink: str | None = None) -> None:
+        db.execute(
+            "INSERT INTO events (event_id, created, body, only_sink) VALUES (?, ?, ?, ?)",
+            (event_id, time.time(), body, only_sink),
+        )
+
+    def _move_orphans(self, entries: list[tuple[int, bytes]]) -> None:
+        """A dead process's journal slots into the outbox: placeholders as ``submission_unknown``."""
+
+        def move(db: sqlite3.Connection) -> None:
+            for state, payload in entries:
+                event = json.loads(payload)
+                if state == INTENT:
+                    event["recovered"] = True
+                self._insert(db, event["event_id"], _dumps(event))
+
+        self._transaction(move)
+
+    def recover(self) -> int:
+        """Events left by dead processes: their journals, and placeholders that went through SQLite.
+        Placeholders become events with outcome ``submission_unknown``."""
+        recovered = recover_orphans(self._journal.directory, self._move_orphans)
+        now = time.time()
+        rows = self._db().execute("SELECT event_id, pid, lease_until FROM intents").fetchall()
+        orphans = [event_id for event_id, pid, lease in rows if lease <= now or not pid_alive(pid)]
+        for event_id in orphans:
+
+            def move(db: sqlite3.Connection, event_id: str = event_id) -> bool:
+                found = db.execute("DELETE FROM intents WHERE event_id=? RETURNING body", (event_id,)).fetchone()
+                if found is None:
+                    return False  # another process recovered it first
+                event = json.loads(found[0])
+                event["recovered"] = True
+                self._insert(db, event_id, _dumps(event))
+                return True
+
+            recovered += bool(self._transaction(move))
+        return recovered
+
+    def check_file(self) -> int:
+        """If the outbox file was deleted or replaced at run time, move what this process's
+        connections still see of it (undelivered events, dead letters) into a new file: nothing
+        that was accepted is lost to a clean-up gone wrong. Returns how many events were moved."""
+        self._journal.ensure_file()
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                return 0
+        except FileNotFoundError:
+            pass
+        with self._migrate_lock:
+            anchor_pid, anchor = self._anchor
+            old = anchor if anchor_pid == os.getpid() else self._db()
+            pending = old.execute(
+                "SELECT e.event_id, e.created, e.body, p.sink FROM pending p JOIN events e ON e.id = p.event"
+            ).fetchall()
+            dead = old.execute("SELECT * FROM dead_letters").fetchall()
+            dropped = old.execute("SELECT * FROM dropped").fetchall()
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            if not os.path.exists(self.path):
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._generation += 1  # every thread opens the new file from now on
+            self._initialise()
+            os.chmod(self.path, 0o600)  # whoever created it (an early reconnect), it holds digits
+            self._inode = os.stat(self.path).st_ino
+            self._anchor = (os.getpid(), _anchor(self.path))
+            if anchor_pid == os.getpid():
+                anchor.close()
+
+            def refill(db: sqlite3.Connection) -> None:
+                self._set_sinks(db)
+                for event_id, created, body, sink in pending:
+                    db.execute(
+                        "INSERT INTO events (event_id, created, body, only_sink) VALUES (?, ?, ?, ?)",
+                        (event_id, created, body, sink),
+                    )
+                db.executemany("INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?)", dead)
+                db.executemany(
+                    "INSERT INTO dropped VALUES (?, ?) ON CONFLICT(sink) DO UPDATE SET count=count+excluded.count",
+                    dropped,
+                )
+
+            self._transaction(refill)
+        log.error("audit outbox %s was deleted or replaced at run time: %d undelivered event(s) moved into a new one",
+                  self.path, len(pending))  # fmt: skip
+        return len(pending)
+
+    def import_legacy_spool(self) -> int:
+        """Events an earlier version left in its spool (``<AUDIT_SPOOL_DIR>/<sink>/*.jsonl``, written
+        whole) go into the outbox for their own sink, so an upgrade loses none. Run by the gunicorn
+        master at start, before any worker exists."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        moved = 0
+        for segment in sorted(glob.glob(os.path.join(directory, "*", "*.jsonl"))):
+            sink = os.path.basename(os.path.dirname(segment))
+            if not _LEGACY_SEGMENT.match(os.path.basename(segment)):
+                continue
+            with open(segment, encoding="utf-8", errors="replace") as handle:
+                lines = [line for line in handle.read().splitlines() if line.strip()]
+            events = []
+            for line in lines:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a torn line of a crashed writer: the old spool skipped it too
+                if isinstance(event, dict) and "event_id" in event:
+                    events.append(event)
+
+            def move(db: sqlite3.Connection, events: list[dict[str, Any]] = events, sink: str = sink) -> None:
+                for event in events:
+                    self._insert(db, event["event_id"], _dumps(event), only_sink=sink)
+
+            self._transaction(move)
+            os.unlink(segment)
+            moved += len(events)
+        if moved:
+            log.warning("audit: %d event(s) from the previous version's spool moved into the outbox", moved)
+        return moved
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every final event of this process is in SQLite (shutdown, tests)."""
+        return self._writer.drain(timeout_s)
+
+    # -- delivery side -------------------------------------------------------------------------
+    def claim(self, sink: str, consumer: str, limit: int, lease_s: float) -> list[Claimed]:
+        now = time.time()
+        ready = "SELECT 1 FROM pending WHERE sink=? AND next_try<=? AND lease_until<=? LIMIT 1"
+        if self._db().execute(ready, (sink, now, now)).fetchone() is None:
+            return []  # a read, no write lock: idle polling costs the request path nothing
+        token = f"{consumer}:{uuid.uuid4().hex}"
+        self._execute(
+            "UPDATE pending SET lease_until=?, attempts=attempts+1, token=? WHERE sink=? AND event IN"
+            " (SELECT event FROM pending WHERE sink=? AND next_try<=? AND lease_until<=? ORDER BY event LIMIT ?)",
+            (now + lease_s, token, sink, sink, now, now, limit),
+        )
+        rows = (
+            self._db()
+            .execute(
+                "SELECT p.event, p.attempts, e.body FROM pending p JOIN events e ON e.id = p.event"
+                " WHERE p.token=? ORDER BY p.event",
+                (token,),
+            )
+            .fetchall()
+        )
+        return [Claimed(str(event), AuditEvent(json.loads(body), body), attempts) for event, attempts, body in rows]
+
+    def ack(self, sink: str, refs: Sequence[str]) -> None:
+        if refs:
+            ids = [int(r) for r in refs]
+            marks = ",".join("?" * len(ids))
+            self._execute(f"DELETE FROM pending WHERE sink=? AND event IN ({marks})", [sink, *ids])  # noqa: S608
+
+    def retry(self, sink: str, refs: Sequence[str], delay_s: float) -> None:
+        if not refs:
+            return
+        ids = [int(r) for r in refs]
+        marks = ",".join("?" * len(ids))
+        self._execute(
+            f"UPDATE pending SET next_try=?, lease_until=0 WHERE sink=? AND event IN ({marks})",  # noqa: S608
+            [time.time() + delay_s, sink, *ids],
+        )
+
+    def dead_letter(self, sink: str, claimed: Claimed, reason: str) -> None:
+        def move(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?)",
+                (sink, claimed.event["event_id"], time.time(), reason[:500], _dumps(claimed.event)),
+            )
+            db.execute("DELETE FROM pending WHERE sink=? AND event=?", (sink, int(claimed.ref)))
+
+        self._transaction(move)
+
+    def enforce_bound(self) -> dict[str, int]:
+        """Drop the oldest events while the file's live pages exceed the bound; per sink, how many."""
+        dropped: dict[str, int] = {}
+        db = self._db()
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        while True:
+            pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+            if pages * page_size <= self.max_bytes:
+                return dropped
+
+            def drop(db: sqlite3.Connection) -> dict[str, int]:
+                oldest = [r[0] for r in db.execute("SELECT id FROM events ORDER BY id LIMIT 200")]
+                if not oldest:
+                    return {}
+                marks = ",".join("?" * len(oldest))
+                counts = dict(
+                    db.execute(
+                        f"SELECT sink, count(*) FROM pending WHERE event IN ({marks}) GROUP BY sink",  # noqa: S608
+                        oldest,
+                    ).fetchall()
+                )
+                db.execute(f"DELETE FROM pending WHERE event IN ({marks})", oldest)  # noqa: S608
+                db.execute(f"DELETE FROM events WHERE id IN ({marks})", oldest)  # noqa: S608
+                for sink, count in counts.items():
+                    db.execute(
+                        "INSERT INTO dropped VALUES (?, ?) ON CONFLICT(sink) DO UPDATE SET count=count+excluded.count",
+                        (sink, count),
+                    )
+                return counts
+
+            counts = self._transaction(drop)
+            if not counts and not db.execute("SELECT 1 FROM events LIMIT 1").fetchone():
+                return dropped  # nothing left to drop: the bound is below the empty file's size
+            for sink, count in counts.items():
+                dropped[sink] = dropped.get(sink, 0) + count
+
+    # -- figures and operator commands ---------------------------------------------------------
+    def backlog(self) -> dict[str, SinkBacklog]:
+        db = self._db()
+        now = time.time()
+        pending = {}
+        for sink, count, oldest in db.execute(
+            "SELECT sink, count(*), min(event) FROM pending GROUP BY sink"
+        ).fetchall():
+            created = db.execute("SELECT created FROM events WHERE id=?", (oldest,)).fetchone()
+            pending[sink] = (count, created[0] if created else None)
+        dead = dict(db.execute("SELECT sink, count(*) FROM dead_letters GROUP BY sink").fetchall())
+        dropped = dict(db.execute("SELECT sink, count FROM dropped").fetchall())
+        result = {}
+        for sink in sorted(set(self.sinks) | set(pending) | set(dead) | set(dropped)):
+            count, created = pending.get(sink, (0, None))
+            result[sink] = SinkBacklog(
+                count,
+                round(max(now - created, 0.0), 3) if created is not None else None,
+                dead.get(sink, 0),
+                dropped.get(sink, 0),
+            )
+        return result
+
+    def dead_letters(self, sink: str | None = None) -> list[dict[str, Any]]:
+        query = "SELECT sink, event_id, failed, reason, body FROM dead_letters"
+        rows = self._db().execute(query + (" WHERE sink=? ORDER BY failed" if sink else " ORDER BY failed"),
+                                  (sink,) if sink else ())  # fmt: skip
+        return [{"sink": s, "event_id": e, "failed": f, "reason": r, "event": json.loads(b)} for s, e, f, r, b in rows]
+
+    def redeliver(self, sink: str | None = None, event_id: str | None = None) -> int:
+        """Put dead letters back in line, for their own sink only."""
+
+        def move(db: sqlite3.Connection) -> int:
+            clauses, params = [], []
+            if sink:
+                clauses.append("sink=?")
+                params.append(sink)
+            if event_id:
+                clauses.append("event_id=?")
+                params.append(event_id)
+            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+            rows = db.execute(f"DELETE FROM dead_letters{where} RETURNING sink, event_id, body", params).fetchall()  # noqa: S608
+            for row_sink, row_event_id, body in rows:
+                self._insert(db, row_event_id, body, only_sink=row_sink)
+            return len(rows)
+
+        return self._transaction(move)
+
+    def close(self) -> None:
+        """Move what the journal still holds into SQLite, then close this process's connections
+        (every thread's); a later call opens new ones. A journal that could not be emptied stays
+        on disk and another process takes it over."""
+        drained = self._writer.drain(10.0)
+        self._journal.close(remove=drained and self._journal.in_use() == 0)
+        self._generation += 1
+        mine = [db for pid, db in self._connections if pid == os.getpid()]
+        self._connections = [(pid, db) for pid, db in self._connections if pid != os.getpid()]
+        anchor_pid, anchor = self._anchor
+        if anchor_pid == os.getpid():
+            mine.append(anchor)
+            self._anchor = (-1, anchor)  # closed: check_file() falls back to an ordinary connection
+        for db in mine:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+
+
+_LEGACY_SEGMENT = re.compile(r"^\d{20}-\d+-\d+-n\d+\.jsonl$")
+_LINGER_S = 0.01  # how long journaled events wait to be moved into SQLite together
+_EAGER_BATCH = 64
+
+
+def _anchor(path: str) -> sqlite3.Connection:
+    """A connection that has read once, so it holds the database, its WAL and its shared memory
+    open: deleted by path, they stay readable through it."""
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    db.execute("SELECT count(*) FROM sinks").fetchone()
+    return db
+
+
+class _GroupCommit:
+    """One writer thread per process commits the request threads' writes together.
+
+    Each request waits until its write is durable (that is the guarantee), but a transaction per
+    request would make every worker's threads queue on SQLite's write lock (whose busy handler
+    sleeps for milliseconds) and write the same B-tree pages to the WAL again and again. Writes
+    that arrive while one transaction commits go together in the next: at low load a write commits
+    at once; under load, one transaction carries many.
+    """
+
+    _WAIT_S = 15.0  # longer than SQLite's own busy timeout: a stuck writer surfaces as an error
+
+    def __init__(self, outbox: SqliteOutbox) -> None:
+        self._outbox = outbox
+        self._cond = threading.Condition()
+        self._queue: list[_Write] = []
+        self._pid: int | None = None
+        self._busy = 0  # items queued or being written
+        self._retry_s = 0.1
+
+    def write(self, item: _Write, wait: bool = True) -> None:
+        """Queue ``item``; with ``wait``, return once it is committed and raise what its write raised.
+        Without, the item's event is already durable in its journal slot, freed once committed."""
+        with self._cond:
+            if self._pid != os.getpid():
+                # After fork the parent's thread does not exist here.
+                self._pid, self._queue, self._busy = os.getpid(), [], 0
+                threading.Thread(target=self._run, name="audit-outbox-writer", daemon=True).start()
+            self._queue.append(item)
+            self._busy += 1
+            if wait or len(self._queue) == 1 or len(self._queue) >= _EAGER_BATCH:
+                self._cond.notify()  # async writes wake the writer once per batch, not once each
+        if not wait:
+            return
+        if not item.done.acquire(timeout=self._WAIT_S):
+            raise TimeoutError("audit outbox: the writer did not commit in time")
+        if item.error is not None:
+            raise item.error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                if len(self._queue) < _EAGER_BATCH and all(item.slot is not None for item in self._queue):
+                    # Only journaled events, safe already: let a batch gather (a caller's synchronous
+                    # write, or a full batch, cuts this short).
+                    self._cond.wait(_LINGER_S)
+                batch, self._queue = self._queue[:512], self._queue[512:]
+            try:
+                with self._outbox._migrate_lock:
+                    self._outbox._write_batch(batch)
+            except Exception:  # noqa: BLE001 - find out which write failed: each alone
+                for item in batch:
+                    try:
+                        self._outbox._write_batch([item])
+                    except Exception as exc:  # noqa: BLE001
+                        item.error = exc
+            retry = []
+            for item in batch:
+                if item.slot is None:
+                    item.done.release()  # a waiting caller learns the outcome
+                elif item.error is None:
+                    self._outbox._journal.release(item.slot)
+                else:
+                    retry.append(item)  # safe in its journal slot: try again later
+            with self._cond:
+                self._busy -= len(batch) - len(retry)
+            if retry:
+                log.error("audit outbox: %d event(s) wait in the journal, SQLite refused them (%s)",
+                          len(retry), type(retry[0].error).__name__)  # fmt: skip
+                time.sleep(self._retry_s)
+                self._retry_s = min(self._retry_s * 2, 5.0)
+                for item in retry:
+                    item.error = None
+                with self._cond:
+                    self._queue[:0] = retry
+            else:
+                self._retry_s = 0.1
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or being written in this process."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._cond:
+                if self._busy <= 0 or self._pid != os.getpid():
+                    return True
+            time.sleep(0.01)
+        return False
+
+
+class _Write:
+    """One request's write: a placeholder ("intent") or a final event, and its completion."""
+
+    __slots__ = ("kind", "row", "slot", "done", "error")
+
+    def __init__(self, kind: str, row: tuple[Any, ...], slot: int | None = None) -> None:
+        self.kind, self.row, self.slot = kind, row, slot
+        self.done = threading.Lock()
+        self.done.acquire()  # released by the writer once the transaction is committed
+        self.error: BaseException | None = None
