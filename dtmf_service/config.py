@@ -2,6 +2,10 @@
 
 Every key has a type; a bad value stops start-up with one line naming the key
 (and never echoing a secret's value).
+
+Longer than the project's usual module because it is the one table of every key in
+CONTRACT.md section 6, with the checks that span keys (sandbox mode, the longest request
+time) beside it: an operator looking up a key reads one file.
 """
 
 from __future__ import annotations

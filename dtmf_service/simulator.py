@@ -13,6 +13,10 @@ Control endpoints (test tooling, loopback only):
     POST /_sim/config   {"token_ttl_s": 60, "client_id": "...", "client_secret": "...", "delay_s": 0}
     GET  /_sim/requests  every request seen (newest last)
     POST /_sim/reset
+
+Longer than the project's usual module: it is one fake of one upstream (token, discovery and
+both DTMF dialects, with the scripting that drives their failures), and it lives here, not in
+cxone/, because CONTRACT.md names ``python -m dtmf_service.simulator``.
 """
 
 from __future__ import annotations
