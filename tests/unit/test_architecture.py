@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
 from dtmf_service.cxone.client import Result, Submission
 from dtmf_service.cxone.tokens import DiscoveryError, NotReady, TokenError
 from dtmf_service.hookspecs import AuditSink, BatchAuditSink, MetricsExporter, RenderingExporter
-from dtmf_service.outcome import Facts, RequestContext
-from dtmf_service.parse import answer
 from dtmf_service.simulator import Simulator, _loopback
-from tests.helpers import ROOT, UdpReceiver, WebhookReceiver
+from tests.helpers import ROOT, UdpReceiver, WebhookReceiver, as_answered
 
 PACKAGES = ("dtmf_service", "plugins")
 
@@ -78,13 +75,9 @@ def test_builtin_plugins_meet_the_written_interfaces(make_app, tmp_path):
         statsd.close()
 
 
-VALID = {"interaction_id": "call-1", "digits": "12#", "timeout_ms": 5000}
-
-
-def told(submission: Submission):
-    ctx = RequestContext("request", "0" * 31 + "1", "01", "", None, time.perf_counter())
-    outcome = answer(submission, Facts("event", sent=VALID, valid=VALID), ctx)
-    return outcome.http_status, outcome.status, outcome.body["cxone_status"], outcome.headers.get("Retry-After")
+def told(submission: Submission) -> tuple:
+    answered = as_answered(submission)
+    return answered.http_status, answered.status, answered.cxone_status, answered.retry_after_s
 
 
 @pytest.mark.parametrize(
@@ -94,8 +87,8 @@ def told(submission: Submission):
         (Submission(Result.NOT_FOUND, 1, 404), (404, "submission_failed", 404, None)),
         (Submission(Result.REJECTED, 1, 400), (502, "submission_failed", 400, None)),
         (Submission(Result.REJECTED, 4, 500), (502, "submission_failed", 500, None)),
-        (Submission(Result.RATE_LIMITED, 4, 429, retry_after_s=2.2), (503, "submission_failed", 429, "3")),
-        (Submission(Result.RATE_LIMITED, 4, 429), (503, "submission_failed", 429, "1")),
+        (Submission(Result.RATE_LIMITED, 4, 429, retry_after_s=2.2), (503, "submission_failed", 429, 3)),
+        (Submission(Result.RATE_LIMITED, 4, 429), (503, "submission_failed", 429, 1)),
         (Submission(Result.UNREACHABLE, 4), (502, "submission_failed", None, None)),
         (Submission(Result.UNKNOWN, 1), (504, "submission_unknown", None, None)),
         (Submission(Result.NOT_READY, 0, detail="token fetch failed"), (502, "submission_failed", None, None)),
@@ -107,9 +100,9 @@ def test_one_mapping_from_what_cxone_did_to_what_the_caller_is_told(submission, 
 
 
 def test_not_ready_is_reported_with_its_safe_detail():
-    ctx = RequestContext("request", "0" * 31 + "1", "01", "", None, time.perf_counter())
-    outcome = answer(Submission(Result.NOT_READY, 0, detail="CXone discovery failed"), Facts("e", valid=VALID), ctx)
-    assert outcome.body["error"] == "CXone discovery failed"
+    assert (
+        as_answered(Submission(Result.NOT_READY, 0, detail="CXone discovery failed")).error == "CXone discovery failed"
+    )
 
 
 def test_discovery_and_token_failures_are_both_not_ready():
