@@ -92,7 +92,8 @@ KEYS: dict[str, Key] = {
     "AUDIT_BACKOFF_BASE_S": Key(0.5, "float", minimum=0, maximum=600),
     "AUDIT_BACKOFF_MAX_S": Key(30.0, "float", minimum=0, maximum=3600),
     "AUDIT_WEBHOOK_URL": Key(None, "str"),
-    "AUDIT_WEBHOOK_SECRET": Key(None, "secret"),
+    "AUDIT_WEBHOOK_SECRET": Key([], "secret_list"),  # several while rotating: the first is current
+    "AUDIT_WEBHOOK_CA_BUNDLE": Key(None, "str"),
     "AUDIT_WEBHOOK_TIMEOUT_S": Key(5.0, "float", minimum=0.001, maximum=600),
     "AUDIT_WEBHOOK_CONCURRENCY": Key(8, "int", minimum=1, maximum=64),
     "AUDIT_WEBHOOK_BATCH_MAX": Key(1, "int", minimum=1, maximum=1000),
@@ -101,6 +102,7 @@ KEYS: dict[str, Key] = {
     "AUDIT_SYSLOG_ADDRESS": Key("/dev/log", "str"),
     "AUDIT_SYSLOG_FACILITY": Key("local0", "str"),
     "AUDIT_SYSLOG_APP_NAME": Key("dtmf-gateway", "str"),
+    "AUDIT_SYSLOG_CA_BUNDLE": Key(None, "str"),
     "STATSD_HOST": Key("127.0.0.1", "str"),
     "STATSD_PORT": Key(8125, "int", minimum=1, maximum=65535),
     "STATSD_PREFIX": Key("dtmf", "str"),

@@ -2,11 +2,13 @@
 
     <PRI>1 <RFC 3339 timestamp> <hostname> <app name> <pid> audit - <the event's JSON>
 
-AUDIT_SYSLOG_ADDRESS: ``udp://host:port``, ``tcp://host:port`` or a Unix socket path (default
-/dev/log). Over TCP each message is framed by octet counting (RFC 6587 3.4.1: ``<length> <message>``),
-so a JSON message can never be split or joined by a newline. A Unix socket may be a datagram socket
-(rsyslog's imuxsock, journald) or a stream socket (syslog-ng's ``unix-stream()``): the sink tries
-datagram first and falls back to stream, where each message ends with a newline as those daemons expect.
+AUDIT_SYSLOG_ADDRESS: ``udp://host:port``, ``tcp://host:port``, ``tls://host:port`` (RFC 5425, the
+certificate verified against the system's trust plus AUDIT_SYSLOG_CA_BUNDLE) or a Unix socket path
+(default /dev/log). Over TCP and TLS each message is framed by octet counting (RFC 6587 3.4.1,
+RFC 5425 4.3: ``<length> <message>``), so a JSON message can never be split or joined by a newline.
+A Unix socket may be a datagram socket (rsyslog's imuxsock, journald) or a stream socket
+(syslog-ng's ``unix-stream()``): the sink tries datagram first and falls back to stream, where each
+message ends with a newline as those daemons expect.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging.handlers
 import os
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -23,21 +26,22 @@ from urllib.parse import urlsplit
 
 from dtmf_service import event_json, hookimpl
 from dtmf_service.config import ConfigError
+from dtmf_service.cxone.transport import tls_context
 
 _SEVERITY_INFO = 6
 _NILVALUE = "-"
 
 
 def parse_address(address: str) -> tuple[str, Any]:
-    """``(kind, address)`` with kind ``udp``, ``tcp`` or ``unix``."""
-    if address.startswith(("udp://", "tcp://")):
+    """``(kind, address)`` with kind ``udp``, ``tcp``, ``tls`` or ``unix``."""
+    if address.startswith(("udp://", "tcp://", "tls://")):
         parts = urlsplit(address)
         if not parts.hostname or not parts.port:
-            raise ConfigError(f"AUDIT_SYSLOG_ADDRESS: expected udp://host:port or tcp://host:port, got {address!r}")
+            raise ConfigError(f"AUDIT_SYSLOG_ADDRESS: expected scheme://host:port, got {address!r}")
         return parts.scheme, (parts.hostname, parts.port)
     if address.startswith("/"):
         return "unix", address
-    raise ConfigError(f"AUDIT_SYSLOG_ADDRESS: expected udp://, tcp:// or a socket path, got {address!r}")
+    raise ConfigError(f"AUDIT_SYSLOG_ADDRESS: expected udp://, tcp://, tls:// or a socket path, got {address!r}")
 
 
 def _header_token(text: str, limit: int) -> str:
@@ -56,11 +60,19 @@ def format_message(priority: int, hostname: str, app_name: str, event: dict[str,
 class SyslogSink:
     """Raises when a send fails, so the core keeps the event and tries again."""
 
-    def __init__(self, address: str, facility: str, app_name: str = "dtmf-gateway") -> None:
+    def __init__(
+        self, address: str, facility: str, app_name: str = "dtmf-gateway", ca_bundle: str | None = None
+    ) -> None:
         facilities = logging.handlers.SysLogHandler.facility_names
         if facility not in facilities:
             raise ConfigError(f"AUDIT_SYSLOG_FACILITY: unknown facility {facility!r}")
         self.kind, self.address = parse_address(address)
+        self._tls: ssl.SSLContext | None = None
+        if self.kind == "tls":
+            try:
+                self._tls = tls_context(ca_bundle)
+            except OSError as exc:  # ssl.SSLError included: a file that is not PEM
+                raise ConfigError(f"AUDIT_SYSLOG_CA_BUNDLE: cannot load {ca_bundle!r} ({type(exc).__name__})") from None
         self.priority = facilities[facility] * 8 + _SEVERITY_INFO
         self.hostname = _header_token(socket.gethostname(), 255)
         self.app_name = _header_token(app_name, 48)
@@ -71,7 +83,7 @@ class SyslogSink:
 
     def _connected(self) -> socket.socket:
         if self._sock is not None and self._pid == os.getpid():
-            if not self._stream or not select.select([self._sock], [], [], 0)[0]:
+            if not self._stream or not _peer_closed(self._sock):
                 return self._sock
             self._drop_connection()  # the daemon closed the stream: a send now would vanish unseen
         if self.kind == "unix":
@@ -96,10 +108,12 @@ class SyslogSink:
             try:
                 sock.settimeout(5.0)
                 sock.connect(info[4])
+                if self._tls is not None:
+                    sock = self._tls.wrap_socket(sock, server_hostname=host)  # handshake, verified
             except OSError:
                 sock.close()
                 raise
-            self._stream = self.kind == "tcp"
+            self._stream = self.kind in ("tcp", "tls")
         self._sock, self._pid = sock, os.getpid()
         return sock
 
@@ -110,7 +124,7 @@ class SyslogSink:
                 sock = self._connected()
                 if not self._stream:
                     sock.send(message)
-                elif self.kind == "tcp":
+                elif self.kind in ("tcp", "tls"):
                     sock.sendall(f"{len(message)} ".encode() + message)  # octet counting
                 else:
                     sock.sendall(message + b"\n")  # unix-stream: newline-terminated, as syslog-ng reads it
@@ -131,6 +145,26 @@ class SyslogSink:
             self._drop_connection()
 
 
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether a stream's peer has closed it. A syslog daemon never writes to us, so a readable
+    socket means end-of-file or an error; over TLS it may also be a record of the protocol's own (a
+    TLS 1.3 session ticket), which reading without blocking consumes."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    if not isinstance(sock, ssl.SSLSocket):
+        return True
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except ssl.SSLWantReadError:
+        return False  # only protocol records were waiting: still open
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+
+
 @hookimpl
 def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> SyslogSink | None:
     if name != "syslog":
@@ -139,4 +173,5 @@ def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> SyslogSink | None:
         config.get("AUDIT_SYSLOG_ADDRESS") or "/dev/log",
         config.get("AUDIT_SYSLOG_FACILITY") or "local0",
         config.get("AUDIT_SYSLOG_APP_NAME") or "dtmf-gateway",
+        config.get("AUDIT_SYSLOG_CA_BUNDLE"),
     )

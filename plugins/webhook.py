@@ -6,6 +6,10 @@ body (CONTRACT.md section 7, *rev 2*). A 2xx delivers; a 4xx other than 408, 425
 refusal for good (the core makes it a dead letter after its attempts); anything else is a failure
 to try again. When a batch is refused, its events are sent one by one to find which the receiver
 refuses, so one bad event never takes its batch with it.
+
+Signing (CONTRACT.md section 8, *rev 3*): AUDIT_WEBHOOK_SECRET may hold several secrets, comma
+separated, the first current; each POST then carries one ``v1=`` per secret, as Stripe does, so a
+receiver switches secrets without a gap. AUDIT_WEBHOOK_CA_BUNDLE adds trust for a private CA.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,15 +26,19 @@ import urllib3
 
 from dtmf_service import DeliveryIncomplete, DeliveryRejected, event_json, hookimpl
 from dtmf_service.config import ConfigError
+from dtmf_service.cxone.transport import tls_context
 from dtmf_service.web.tracing import child_traceparent
 
 _TRY_AGAIN = frozenset({408, 425, 429})
 
 
-def signature(secret: str, timestamp: int, body: bytes) -> str:
-    """``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`` (X-DTMF-Signature)."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
+def signature(secrets: str | Sequence[str], timestamp: int, body: bytes) -> str:
+    """``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`` (X-DTMF-Signature), one ``v1=``
+    per secret, the current one first."""
+    signed = f"{timestamp}.".encode() + body
+    keys = [secrets] if isinstance(secrets, str) else list(secrets)
+    macs = ",".join(f"v1={hmac.new(key.encode(), signed, hashlib.sha256).hexdigest()}" for key in keys)
+    return f"t={timestamp},{macs}"
 
 
 def _refused(status: int) -> bool:
@@ -41,13 +49,25 @@ class WebhookSink:
     """urllib3's keep-alive pool directly (requests' own transport), one pool for every thread."""
 
     def __init__(
-        self, url: str, timeout_s: float, secret: str | None, concurrency: int = 8, batch_max: int = 1
+        self,
+        url: str,
+        timeout_s: float,
+        secret: str | Sequence[str] | None,
+        concurrency: int = 8,
+        batch_max: int = 1,
+        ca_bundle: str | None = None,
     ) -> None:
         self.url = url
-        self.secret = secret
+        self.secrets = [secret] if isinstance(secret, str) else list(secret or ())
         self.concurrency = concurrency
         self.batch_max = batch_max
-        self._pool = urllib3.PoolManager(maxsize=concurrency, retries=False, timeout=urllib3.Timeout(total=timeout_s))
+        # Verification always on; the bundle adds a private CA to the system's trust.
+        self._pool = urllib3.PoolManager(
+            maxsize=concurrency,
+            retries=False,
+            timeout=urllib3.Timeout(total=timeout_s),
+            ssl_context=tls_context(ca_bundle),
+        )
         self._executor: ThreadPoolExecutor | None = None
         self._pid: int | None = None
 
@@ -55,8 +75,8 @@ class WebhookSink:
         headers = {"Content-Type": content_type, "User-Agent": "dtmf-gateway-audit"}
         if trace_id:
             headers["traceparent"] = child_traceparent(trace_id)  # one event: its request's trace
-        if self.secret:
-            headers["X-DTMF-Signature"] = signature(self.secret, int(time.time()), body)
+        if self.secrets:
+            headers["X-DTMF-Signature"] = signature(self.secrets, int(time.time()), body)
         return self._pool.urlopen("POST", self.url, body=body, headers=headers, retries=False, redirect=False).status
 
     def deliver(self, event: dict[str, Any]) -> None:
@@ -124,10 +144,15 @@ def dtmf_audit_sink(name: str, config: Mapping[str, Any]) -> WebhookSink | None:
     url = config.get("AUDIT_WEBHOOK_URL")
     if not url or not str(url).startswith(("http://", "https://")):
         raise ConfigError("AUDIT_WEBHOOK_URL: an http:// or https:// URL is required when AUDIT_SINKS includes webhook")
-    return WebhookSink(
-        url,
-        float(config["AUDIT_WEBHOOK_TIMEOUT_S"]),
-        config.get("AUDIT_WEBHOOK_SECRET"),
-        int(config.get("AUDIT_WEBHOOK_CONCURRENCY", 8)),
-        int(config.get("AUDIT_WEBHOOK_BATCH_MAX", 1)),
-    )
+    ca_bundle = config.get("AUDIT_WEBHOOK_CA_BUNDLE")
+    try:
+        return WebhookSink(
+            url,
+            float(config["AUDIT_WEBHOOK_TIMEOUT_S"]),
+            config.get("AUDIT_WEBHOOK_SECRET"),
+            int(config.get("AUDIT_WEBHOOK_CONCURRENCY", 8)),
+            int(config.get("AUDIT_WEBHOOK_BATCH_MAX", 1)),
+            ca_bundle,
+        )
+    except OSError as exc:  # ssl.SSLError included: a file that is not PEM
+        raise ConfigError(f"AUDIT_WEBHOOK_CA_BUNDLE: cannot load {ca_bundle!r} ({type(exc).__name__})") from None

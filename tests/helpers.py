@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -152,9 +153,10 @@ class Gunicorn:
 class WebhookReceiver:
     """A real HTTP receiver for the webhook sink: can fail (status), be slow, or be down (stopped)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, certificate: tuple[Path, Path] | None = None) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}/audit"
+        self.certificate = certificate  # (cert, key): serve https
+        self.url = f"{'https' if certificate else 'http'}://127.0.0.1:{self.port}/audit"
         self.events: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.bodies: list[bytes] = []
@@ -205,6 +207,10 @@ class WebhookReceiver:
             allow_reuse_address = True
 
         self._server = Server(("127.0.0.1", self.port), Handler)
+        if self.certificate is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*map(str, self.certificate))
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
