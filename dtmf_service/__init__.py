@@ -14,10 +14,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from dtmf_service.audit.event import event_json
+from dtmf_service.config import ConfigError
 from dtmf_service.hookspecs import DeliveryIncomplete, DeliveryRejected, hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["DeliveryIncomplete", "DeliveryRejected", "create_app", "event_json", "hookimpl", "__version__"]
+__all__ = [
+    "ConfigError",
+    "DeliveryIncomplete",
+    "DeliveryRejected",
+    "create_app",
+    "event_json",
+    "hookimpl",
+    "__version__",
+]
 
 log = logging.getLogger("dtmf_service")
 
