@@ -64,13 +64,15 @@ def on_starting(server):
     # Fail fast in the master, with one line, on a bad configuration or an unknown plugin name.
     from dtmf_service.audit.outbox import open_outbox
     from dtmf_service.idempotency import Idempotency
-    from dtmf_service.pluginmanager import check_plugins
+    from dtmf_service.pluginmanager import check_plugins_isolated
 
     probe = {}
     try:
         _cfg.load_sources(probe)
         _cfg.finalise(probe)
-        check_plugins(probe)
+        # In a child process: a plugin imported here would stay in every forked worker, and a
+        # reload would never run a newly installed version.
+        check_plugins_isolated()
         # Prepare the idempotency store once here, so the workers do not all race to create it.
         Idempotency.from_config(probe).close()
         if probe["AUDIT_SINKS"]:

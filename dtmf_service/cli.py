@@ -44,11 +44,16 @@ def check_config(as_json: bool) -> None:
     A bad value or an unknown key stops the app from loading: the command then exits non-zero with
     one line naming the key (as start-up would).
     """
+    from dtmf_service.pluginmanager import build_plugin_manager, plugin_config_keys
+
     config = current_app.config
+    kinds = {name: key.kind for name, key in cfg.KEYS.items()}
+    # The keys plugins declare, masked by their declared kind (CONTRACT.md section 7, *rev 3*).
+    kinds.update({k: v for k, v in plugin_config_keys(build_plugin_manager(config)).items() if k not in kinds})
     values = {}
-    for name, key in sorted(cfg.KEYS.items()):
+    for name, kind in sorted(kinds.items()):
         value = config.get(name)
-        if key.kind in ("secret", "secret_list") and value:
+        if kind in ("secret", "secret_list") and value:
             value = [_MASK] * len(value) if isinstance(value, list) else _MASK
         values[name] = value
     if as_json:

@@ -143,7 +143,10 @@ def reject_unknown(config: Mapping[str, Any], plugin_keys: Iterable[str] = ()) -
             continue
         nearest = difflib.get_close_matches(name, sorted(known - set(Flask.default_config)), n=1, cutoff=0.6)
         hint = f"; did you mean {nearest[0]}?" if nearest else ""
-        raise ConfigError(f"{name}: unknown configuration key (DTMF_{name} in the environment){hint}")
+        raise ConfigError(
+            f"{name}: unknown configuration key (DTMF_{name} in the environment){hint}"
+            " (a plugin's own keys must be declared by its dtmf_config_keys hook)"
+        )
 
 
 def read_api_keys_file(path: str) -> list[str]:

@@ -98,7 +98,8 @@ def dtmf_metrics_exporter(name: str, config: Mapping[str, Any]) -> MetricsExport
 
 @hookspec
 def dtmf_config_keys() -> Iterable[str]:
-    """Return the names of the configuration keys this plugin reads (an iterable of strings).
+    """Return the names of the configuration keys this plugin reads: an iterable of strings, or a
+    mapping of name to kind (``"str"``, or ``"secret"`` for a value check-config must mask).
 
     Keys nobody declares stop start-up, so a plugin must declare its own (CONTRACT.md section 8).
     """

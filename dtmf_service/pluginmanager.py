@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,11 +64,13 @@ def build_plugin_manager(config: Mapping[str, Any]) -> pluggy.PluginManager:
     return pm
 
 
-def plugin_config_keys(pm: pluggy.PluginManager) -> set[str]:
-    """Every configuration key that some plugin declares."""
-    keys: set[str] = set()
+def plugin_config_keys(pm: pluggy.PluginManager) -> dict[str, str]:
+    """Every configuration key that some plugin declares, with its kind: ``dtmf_config_keys`` returns
+    names (kind ``str``), or a mapping of name to kind (``"secret"`` is masked by check-config)."""
+    keys: dict[str, str] = {}
     for declared in pm.hook.dtmf_config_keys():
-        keys.update(str(name) for name in declared or ())
+        kinds = declared if isinstance(declared, Mapping) else dict.fromkeys(declared or (), "str")
+        keys.update({str(name): str(kind) for name, kind in kinds.items()})
     return keys
 
 
@@ -73,7 +78,8 @@ def resolve_sinks(pm: pluggy.PluginManager, names: list[str], config: Mapping[st
     """Ask the plugins for each named audit sink; an unknown name stops start-up."""
     found: dict[str, AuditSink] = {}
     for name in dict.fromkeys(names):
-        found[name] = _checked(pm.hook.dtmf_audit_sink(name=name, config=config), name, "AUDIT_SINKS", "deliver")
+        made = _made(lambda n=name: pm.hook.dtmf_audit_sink(name=n, config=config), name, "AUDIT_SINKS")
+        found[name] = _checked(made, name, "AUDIT_SINKS", "deliver")
     return found
 
 
@@ -83,9 +89,24 @@ def resolve_exporters(
     """Ask the plugins for each named metrics exporter; an unknown name stops start-up."""
     found: dict[str, MetricsExporter] = {}
     for name in dict.fromkeys(names):
-        found[name] = _checked(pm.hook.dtmf_metrics_exporter(name=name, config=config), name, "METRICS_EXPORTERS",
-                               "record")  # fmt: skip
+        made = _made(lambda n=name: pm.hook.dtmf_metrics_exporter(name=n, config=config), name, "METRICS_EXPORTERS")
+        found[name] = _checked(made, name, "METRICS_EXPORTERS", "record")
     return found
+
+
+def _made(factory: Any, name: str, key: str) -> Any:
+    """A factory's answer; its failure becomes one line naming the plugin (CONTRACT.md section 7,
+    *rev 3*): the plugin's own ConfigError as it says, anything else by its type only (a message
+    could hold a setting's secret value), never a traceback."""
+    try:
+        return factory()
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: the plugin for {name!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a plugin bug must still stop start-up with one line
+        raise ConfigError(
+            f"{key}: the plugin for {name!r} failed to start ({type(exc).__name__}); "
+            "a plugin reports a bad setting by raising dtmf_service.ConfigError"
+        ) from None
 
 
 def _checked(instance: Any, name: str, key: str, method: str) -> Any:
@@ -106,6 +127,39 @@ def close_plugin(instance: object, what: str) -> None:
         instance.close()
     except Exception as exc:  # noqa: BLE001 - one plugin failing to close never stops the others
         log.error("%s failed to close: %s", what, type(exc).__name__)
+
+
+def check_plugins_isolated() -> None:
+    """check_plugins in a child process, on the configuration of this process's environment.
+
+    The gunicorn master runs this before forking: it never imports a plugin's module itself, so
+    after ``pip install`` of a new version, a graceful reload (``kill -HUP``) runs the new version
+    in every new worker (CONTRACT.md section 7, *rev 3*). The child's one-line error is raised here.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", "from dtmf_service.pluginmanager import _check_main; _check_main()"],
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise ConfigError(lines[-1] if lines else f"the plugin check failed (exit {done.returncode})")
+
+
+def _check_main() -> None:
+    from dtmf_service import config as cfg
+
+    probe: dict[str, Any] = {}
+    try:
+        cfg.load_sources(probe)
+        cfg.finalise(probe)
+        check_plugins(probe)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(4) from None
 
 
 def check_plugins(config: Mapping[str, Any]) -> None:
