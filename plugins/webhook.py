@@ -30,6 +30,7 @@ from dtmf_service.cxone.transport import tls_context
 from dtmf_service.web.tracing import child_traceparent
 
 _TRY_AGAIN = frozenset({408, 425, 429})
+_ChunkResult = tuple[list[dict[str, Any]], list[dict[str, Any]], BaseException | None]
 
 
 def signature(secrets: str | Sequence[str], timestamp: int, body: bytes) -> str:
@@ -82,39 +83,41 @@ class WebhookSink:
     def deliver(self, event: dict[str, Any]) -> None:
         status = self._post(event_json(event).encode(), "application/json", event.get("trace_id"))
         if _refused(status):
-            raise DeliveryRejected(f"webhook refused the event ({status})")
+            raise DeliveryRejected(f"webhook refused the event (HTTP {status})")
         if not 200 <= status < 300:
-            raise RuntimeError(f"webhook answered {status}")
+            raise RuntimeError(f"webhook answered HTTP {status}")
 
-    def _deliver_chunk(self, chunk: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(undelivered, refused for good) of one POST's worth of events."""
+    def _deliver_chunk(self, chunk: list[dict[str, Any]]) -> _ChunkResult:
+        """(undelivered, refused for good, the first error) of one POST's worth of events."""
         if len(chunk) == 1:
             try:
                 self.deliver(chunk[0])
-            except DeliveryRejected:
-                return chunk, chunk
-            except Exception:  # noqa: BLE001 - reported to the core as undelivered
-                return chunk, []
-            return [], []
+            except DeliveryRejected as exc:
+                return chunk, chunk, exc
+            except Exception as exc:  # noqa: BLE001 - reported to the core as undelivered
+                return chunk, [], exc
+            return [], [], None
         body = "".join(event_json(e) + "\n" for e in chunk).encode()
         try:
             status = self._post(body, "application/x-ndjson")
-        except Exception:  # noqa: BLE001
-            return chunk, []
+        except Exception as exc:  # noqa: BLE001
+            return chunk, [], exc
         if 200 <= status < 300:
-            return [], []
+            return [], [], None
         if not _refused(status):
-            return chunk, []
-        undelivered, refused = [], []
+            return chunk, [], RuntimeError(f"webhook answered HTTP {status}")
+        undelivered, refused, first = [], [], None
         for event in chunk:  # find the event(s) the receiver will not take
-            left, bad = self._deliver_chunk([event])
+            left, bad, error = self._deliver_chunk([event])
             undelivered += left
             refused += bad
-        return undelivered, refused
+            first = first or error
+        return undelivered, refused, first
 
     def deliver_many(self, events: list[dict[str, Any]]) -> None:
         """Up to ``batch_max`` events per POST, up to ``concurrency`` POSTs at once. The events that
-        were not delivered are reported with DeliveryIncomplete, so the core sends again only those."""
+        were not delivered are reported with DeliveryIncomplete, raised from the first failure (its
+        HTTP status is in the message), so the core sends again only those and can say why."""
         size = self.batch_max
         chunks = [events[i : i + size] for i in range(0, len(events), size)]
         if len(chunks) == 1 or self.concurrency == 1:
@@ -124,10 +127,11 @@ class WebhookSink:
                 self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="audit-webhook")
                 self._pid = os.getpid()
             results = list(self._executor.map(self._deliver_chunk, chunks))
-        undelivered = [e for left, _ in results for e in left]
-        refused = [e for _, bad in results for e in bad]
+        undelivered = [e for left, _, _ in results for e in left]
+        refused = [e for _, bad, _ in results for e in bad]
         if undelivered:
-            raise DeliveryIncomplete(undelivered, refused) from RuntimeError(
+            first = next((error for _, _, error in results if error is not None), None)
+            raise DeliveryIncomplete(undelivered, refused) from first or RuntimeError(
                 f"webhook: {len(undelivered)} of {len(events)} events not delivered"
             )
 

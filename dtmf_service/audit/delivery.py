@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dtmf_service.audit.outbox import Claimed, Outbox
+from dtmf_service.audit.reasons import FailureReasons
 from dtmf_service.cxone.retry import backoff_delay
 from dtmf_service.hookspecs import AuditSink, BatchAuditSink, DeliveryIncomplete, DeliveryRejected
 from dtmf_service.metrics import Metrics
@@ -47,6 +48,7 @@ class SinkDelivery:
         self._base_s = float(config["AUDIT_BACKOFF_BASE_S"])
         self._max_s = float(config["AUDIT_BACKOFF_MAX_S"])
         self._lease_s = float(config["AUDIT_LEASE_S"])
+        self._reasons = FailureReasons.from_config(config)
         self._down_level = 0
         self._down_until = 0.0
 
@@ -65,7 +67,7 @@ class SinkDelivery:
             self._counts.delivered(len(delivered))
         for item in rejected:
             if item.attempts >= self._attempts:
-                self.outbox.dead_letter(self.name, item, f"refused by the receiver ({type(error).__name__})")
+                self.outbox.dead_letter(self.name, item, f"refused by the receiver: {self._reasons.describe(error)}")
                 self._counts.dead_letter()
                 log.error("audit sink %s: event %s refused %d times: set aside as a dead letter",
                           self.name, item.event.get("event_id"), item.attempts)  # fmt: skip
@@ -126,11 +128,13 @@ class SinkDelivery:
         delay = self._backoff(self._down_level)
         self._down_level += 1
         self._down_until = time.monotonic() + delay
-        log.warning("audit sink %s: unavailable (%s); next try in %.1fs", self.name, type(error).__name__, delay)
+        log.warning(
+            "audit sink %s: unavailable (%s); next try in %.1fs", self.name, self._reasons.describe(error), delay
+        )
         return delay
 
     def _log_failure(self, exc: BaseException) -> None:
-        log.warning("audit sink %s: delivery failed (%s)", self.name, type(exc).__name__)
+        log.warning("audit sink %s: delivery failed: %s", self.name, self._reasons.describe(exc))
 
 
 class DeliveryEngine:
