@@ -31,7 +31,7 @@ from dtmf_service.pluginmanager import close_plugin
 log = logging.getLogger("dtmf_service.audit")
 
 _MAINTENANCE_S = 1.0
-_BOUND_EVERY = 5  # maintenance rounds between size checks
+_BOUND_CHECK_S = 5.0  # between size checks, unless the outbox says how often (``bound_check_s``)
 
 
 class SinkDelivery:
@@ -196,20 +196,34 @@ class DeliveryEngine:
                 self._stop.wait(self._idle_s)
 
     def _maintain(self) -> None:
-        rounds = 0
-        while not self._stop.wait(_MAINTENANCE_S):
+        # The size check runs as often as the outbox asks (SQLite: a few stat calls, so often enough
+        # that traffic cannot push the files far past the bound between two checks).
+        every = float(getattr(self.outbox, "bound_check_s", _BOUND_CHECK_S))
+        tick = min(every, _MAINTENANCE_S)
+        next_maintenance, next_bound = time.monotonic() + _MAINTENANCE_S, time.monotonic() + every
+        unlogged: dict[str, int] = {}  # drops not yet logged: one line per sink every few seconds
+        next_log = 0.0
+        while not self._stop.wait(tick):
             try:
-                self.outbox.check_file()
-                recovered = self.outbox.recover()
-                if recovered:
-                    log.warning("audit: %d request(s) whose worker died were audited as submission_unknown",
-                                recovered)  # fmt: skip
-                rounds += 1
-                if rounds % _BOUND_EVERY == 0:
+                now = time.monotonic()
+                if now >= next_maintenance - tick / 2:
+                    next_maintenance = now + _MAINTENANCE_S
+                    self.outbox.check_file()
+                    recovered = self.outbox.recover()
+                    if recovered:
+                        log.warning("audit: %d request(s) whose worker died were audited as submission_unknown",
+                                    recovered)  # fmt: skip
+                if now >= next_bound - tick / 2:
+                    next_bound = now + every
                     for sink, count in self.outbox.enforce_bound().items():
                         self._metrics.audit_dropped(count)
+                        unlogged[sink] = unlogged.get(sink, 0) + count
+                if unlogged and now >= next_log:
+                    next_log = now + _BOUND_CHECK_S
+                    for sink, count in unlogged.items():
                         log.error("audit outbox full (AUDIT_SPOOL_MAX_MB): dropped the %d oldest events of sink %s",
                                   count, sink)  # fmt: skip
+                    unlogged.clear()
             except Exception as exc:  # noqa: BLE001
                 log.error("audit: outbox maintenance failed: %s", type(exc).__name__)
 

@@ -44,6 +44,9 @@ _SCHEMA = (
     " next_try REAL NOT NULL DEFAULT 0, lease_until REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,"
     " token TEXT, PRIMARY KEY (event, sink)) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS pending_token ON pending (token) WHERE token IS NOT NULL",
+    # A sink's rows in delivery order, covering the ready test: a healthy sink's poll and claim, and a
+    # sink's oldest pending event, never walk another sink's backlog (the key leads with the event).
+    "CREATE INDEX IF NOT EXISTS pending_sink ON pending (sink, event, next_try, lease_until)",
     "CREATE TABLE IF NOT EXISTS sinks (name TEXT PRIMARY KEY)",
     "CREATE TABLE IF NOT EXISTS intents (event_id TEXT PRIMARY KEY, pid INTEGER NOT NULL,"
     " lease_until REAL NOT NULL, body TEXT NOT NULL) WITHOUT ROWID",
@@ -61,6 +64,39 @@ _SCHEMA = (
     " DELETE FROM events WHERE id = OLD.event; END",
 )
 
+# Per-sink pending counts, kept in the statement that changes ``pending`` (whichever process or
+# version runs it), so a scrape or ``audit status`` reads one row per sink instead of counting the
+# backlog. Rows of ``pending`` are only ever inserted plainly and deleted (never REPLACEd, which
+# would skip the delete trigger). Added to files of earlier versions by ``_add_counters``.
+_COUNTERS = (
+    "CREATE TABLE sink_counts (sink TEXT PRIMARY KEY, pending INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID",
+    "CREATE TRIGGER pending_counted AFTER INSERT ON pending BEGIN"
+    " INSERT INTO sink_counts (sink, pending) VALUES (NEW.sink, 1)"
+    " ON CONFLICT (sink) DO UPDATE SET pending = pending + 1; END",
+    "CREATE TRIGGER pending_uncounted AFTER DELETE ON pending BEGIN"
+    " UPDATE sink_counts SET pending = pending - 1 WHERE sink = OLD.sink; END",
+)
+
+# The one statement that counts the backlog: once per file, when the counters are added to it.
+COUNT_EXISTING = "INSERT INTO sink_counts SELECT sink, count(*) FROM pending GROUP BY sink"
+
+
+def _add_counters(db: sqlite3.Connection) -> None:
+    """Create the counters once per file, counting what an earlier version left (one transaction:
+    no event is inserted between the count and the triggers)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name='sink_counts'").fetchone():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name='sink_counts'").fetchone():
+            for statement in _COUNTERS:
+                db.execute(statement)
+            db.execute(COUNT_EXISTING)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
 
 def _dumps(event: Mapping[str, Any]) -> str:
     return json.dumps(event, separators=(",", ":"))
@@ -73,6 +109,7 @@ class SqliteOutbox:
         self.path = path
         self.sinks = tuple(sinks)
         self.max_bytes = max_bytes
+        self._wal_cap = min(max(max_bytes // 10, 64 * 1024), _WAL_CAP_MAX)
         self._synchronous = "FULL" if fsync else "NORMAL"
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -99,7 +136,9 @@ class SqliteOutbox:
         def schema(db: sqlite3.Connection) -> None:
             for statement in _SCHEMA:
                 db.execute(statement)
+            _add_counters(db)
 
+        _prefer_incremental_vacuum(self.path)
         initialise(self.path, schema)
 
     def _db(self) -> sqlite3.Connection:
@@ -112,9 +151,9 @@ class SqliteOutbox:
             db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             # The same few tail pages change with every write: checkpoint them less often (a WAL of up
-            # to ~40 MB), and give the file back its space afterwards.
-            db.execute("PRAGMA wal_autocheckpoint=10000")
-            db.execute("PRAGMA journal_size_limit=67108864")
+            # to a tenth of the bound, 40 MiB at most), and cut the WAL back to that size afterwards.
+            db.execute(f"PRAGMA wal_autocheckpoint={max(self._wal_cap // _PAGE, 16)}")
+            db.execute(f"PRAGMA journal_size_limit={self._wal_cap}")
             self._local.db, self._local.owner = db, owner
             self._connections.append((os.getpid(), db))
         return db
@@ -369,51 +408,77 @@ class SqliteOutbox:
 
         self._transaction(move)
 
+    bound_check_s = 0.25  # how often the maintenance thread calls enforce_bound: a few stat calls
+
+    def disk_bytes(self) -> int:
+        """Every byte the outbox keeps on disk: the database, its WAL, shared memory and rollback
+        journal, and the processes' journals."""
+        return _size(self.path) + self._side_bytes()
+
+    def _side_bytes(self) -> int:
+        journals = glob.glob(os.path.join(self._journal.directory, "*"))
+        return sum(_size(path) for path in (self.path + "-wal", self.path + "-shm", self.path + "-journal", *journals))
+
     def enforce_bound(self) -> dict[str, int]:
-        """Drop the oldest events while the file's live pages exceed the bound; per sink, how many."""
+        """Keep every byte on disk within the bound (AUDIT_SPOOL_MAX_MB), then give space back.
+
+        The events' pages get what the rest leaves: the WAL (its checkpoint size, twice over: a batch
+        may start just before a checkpoint), the shared memory and the journals as they are now.
+        Past that the oldest events are dropped, counted per sink. Freed pages are reused by new
+        events, so the file stops growing; after a drain ``_reclaim`` gives them back."""
         dropped: dict[str, int] = {}
         db = self._db()
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        while True:
-            pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
-            if pages * page_size <= self.max_bytes:
-                return dropped
-
-            def drop(db: sqlite3.Connection) -> dict[str, int]:
-                oldest = [r[0] for r in db.execute("SELECT id FROM events ORDER BY id LIMIT 200")]
-                if not oldest:
-                    return {}
-                marks = ",".join("?" * len(oldest))
-                counts = dict(
-                    db.execute(
-                        f"SELECT sink, count(*) FROM pending WHERE event IN ({marks}) GROUP BY sink",  # noqa: S608
-                        oldest,
-                    ).fetchall()
-                )
-                db.execute(f"DELETE FROM pending WHERE event IN ({marks})", oldest)  # noqa: S608
-                db.execute(f"DELETE FROM events WHERE id IN ({marks})", oldest)  # noqa: S608
-                for sink, count in counts.items():
-                    db.execute(
-                        "INSERT INTO dropped VALUES (?, ?) ON CONFLICT(sink) DO UPDATE SET count=count+excluded.count",
-                        (sink, count),
-                    )
-                return counts
-
-            counts = self._transaction(drop)
-            if not counts and not db.execute("SELECT 1 FROM events LIMIT 1").fetchone():
-                return dropped  # nothing left to drop: the bound is below the empty file's size
+        wal = _size(self.path + "-wal")
+        room = self.max_bytes - 2 * self._wal_cap - (self._side_bytes() - wal)
+        while _live_bytes(db) > room:
+            counts = self._transaction(_drop_oldest)
+            if counts is None:
+                break  # nothing left to drop: the bound is below the empty file's size
             for sink, count in counts.items():
                 dropped[sink] = dropped.get(sink, 0) + count
+        self._reclaim(db, wal, overflowing=bool(dropped))
+        return dropped
+
+    def _reclaim(self, db: sqlite3.Connection, wal: int, overflowing: bool) -> None:
+        """Space back: a WAL that readers kept from restarting is truncated; once the backlog has
+        drained, free pages are cut from the end of the file a little at a time (the maintenance
+        thread's writes, never a request's). A file of an earlier version (no auto_vacuum) is
+        converted with one VACUUM, only while it holds little (milliseconds of work)."""
+        try:
+            if wal > 2 * self._wal_cap:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # no busy wait: tried again later
+            if overflowing:
+                return  # freed pages are taken again by the next events
+            pages, free = _pages(db)
+            if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
+                if _live_bytes(db) <= _CONVERT_LIVE_BYTES:
+                    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                    db.execute("VACUUM")
+                    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                    log.info("audit outbox %s: converted to give space back after a drain", self.path)
+                return
+            if free <= max(_RECLAIM_FROM_PAGES, pages // 4):
+                return  # a small steady backlog reuses its free pages: no work while it stays small
+            deadline = time.monotonic() + _RECLAIM_S
+            while free and time.monotonic() < deadline:
+                db.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP})").fetchall()
+                free = _pages(db)[1]
+            # The file shrinks when checkpointed, and the WAL goes back to nothing.
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise  # another writer held the lock: the next round tries again
 
     # -- figures and operator commands ---------------------------------------------------------
     def backlog(self) -> dict[str, SinkBacklog]:
+        """O(sinks): the maintained counts, and each sink's oldest event found through its index."""
         db = self._db()
         now = time.time()
         pending = {}
-        for sink, count, oldest in db.execute(
-            "SELECT sink, count(*), min(event) FROM pending GROUP BY sink"
-        ).fetchall():
-            created = db.execute("SELECT created FROM events WHERE id=?", (oldest,)).fetchone()
+        for sink, count in db.execute("SELECT sink, pending FROM sink_counts WHERE pending > 0").fetchall():
+            created = db.execute(
+                "SELECT created FROM events WHERE id = (SELECT min(event) FROM pending WHERE sink=?)", (sink,)
+            ).fetchone()
             pending[sink] = (count, created[0] if created else None)
         dead = dict(db.execute("SELECT sink, count(*) FROM dead_letters GROUP BY sink").fetchall())
         dropped = dict(db.execute("SELECT sink, count FROM dropped").fetchall())
@@ -471,6 +536,66 @@ class SqliteOutbox:
                 db.close()
             except sqlite3.Error:
                 pass
+
+
+_PAGE = 4096  # SQLite's default page size, which this file keeps
+_WAL_CAP_MAX = 40 * 1024 * 1024
+_CONVERT_LIVE_BYTES = 1024 * 1024
+_VACUUM_STEP = 1024  # pages per incremental_vacuum: a short write transaction each
+_RECLAIM_S = 0.05
+_RECLAIM_FROM_PAGES = 256  # 1 MiB of free pages
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _pages(db: sqlite3.Connection) -> tuple[int, int]:
+    return db.execute("PRAGMA page_count").fetchone()[0], db.execute("PRAGMA freelist_count").fetchone()[0]
+
+
+def _live_bytes(db: sqlite3.Connection) -> int:
+    pages, free = _pages(db)
+    return (pages - free) * db.execute("PRAGMA page_size").fetchone()[0]
+
+
+def _drop_oldest(db: sqlite3.Connection) -> dict[str, int] | None:
+    """The 200 oldest events out, counted per sink in ``dropped``; None when there is none."""
+    oldest = [
+        r[0] for r in db.execute("SELECT id FROM events WHERE id >= (SELECT min(id) FROM events) ORDER BY id LIMIT 200")
+    ]
+    if not oldest:
+        return None
+    marks = ",".join("?" * len(oldest))
+    counts = dict(
+        db.execute(f"SELECT sink, count(*) FROM pending WHERE event IN ({marks}) GROUP BY sink", oldest).fetchall()  # noqa: S608
+    )
+    db.execute(f"DELETE FROM pending WHERE event IN ({marks})", oldest)  # noqa: S608
+    db.execute(f"DELETE FROM events WHERE id IN ({marks})", oldest)  # noqa: S608
+    for sink, count in counts.items():
+        db.execute(
+            "INSERT INTO dropped VALUES (?, ?) ON CONFLICT(sink) DO UPDATE SET count=count+excluded.count",
+            (sink, count),
+        )
+    return counts
+
+
+def _prefer_incremental_vacuum(path: str) -> None:
+    """A new file gives space back after a drain: auto_vacuum is chosen before its first page is
+    written (an existing file is converted later, by ``_reclaim``)."""
+    if _size(path) > 0:
+        return
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    try:
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError:
+        pass  # another process is creating it; initialise() waits for it
+    finally:
+        db.close()
 
 
 _LEGACY_SEGMENT = re.compile(r"^\d{20}-\d+-\d+-n\d+\.jsonl$")

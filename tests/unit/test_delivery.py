@@ -182,7 +182,7 @@ def test_a_refused_event_becomes_a_dead_letter_and_never_blocks_the_rest(config,
 
 
 def test_the_outbox_is_bounded_oldest_dropped_and_counted_per_sink(outbox_path):
-    box = SqliteOutbox(outbox_path, ("a", "b"), 512 * 1024)
+    box = SqliteOutbox(outbox_path, ("a", "b"), 3 * 1024 * 1024)  # the 2 MiB journal counts too
     ids = []
     for _ in range(2000):
         event = make_event(pad="x" * 400)
