@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint format simulator bench bench-quick bench-audit soak clean
+.PHONY: run test lint format simulator bench bench-quick bench-audit bench-scale soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-quick: $(RUN_STAMP)  ## a benchmark in under a minute
 
 bench-audit: $(RUN_STAMP)  ## audit on vs off, 50 ms upstream, 64 connections, 3 rounds (about 2 minutes)
 	$(BIN)/python -m bench.run --audit
+
+bench-scale: $(TEST_STAMP)  ## backlogs of 0/100k/500k for a down sink, spool overflow, space back (about 10 minutes)
+	$(BIN)/python -m bench.scale
 
 soak: $(RUN_STAMP)  ## audit soak: worker SIGKILLs every 1.5 s for a minute, webhook flapping (about 1.5 minutes)
 	$(BIN)/python -m bench.soak_audit

@@ -110,6 +110,7 @@ class SqliteOutbox:
         self.sinks = tuple(sinks)
         self.max_bytes = max_bytes
         self._wal_cap = min(max(max_bytes // 10, 64 * 1024), _WAL_CAP_MAX)
+        self._reclaiming = False  # giving space back after a drain, a little each maintenance round
         self._synchronous = "FULL" if fsync else "NORMAL"
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -457,14 +458,19 @@ class SqliteOutbox:
                     db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                     log.info("audit outbox %s: converted to give space back after a drain", self.path)
                 return
-            if free <= max(_RECLAIM_FROM_PAGES, pages // 4):
-                return  # a small steady backlog reuses its free pages: no work while it stays small
+            if free > max(_RECLAIM_FROM_PAGES, pages // 4):
+                self._reclaiming = True  # a small steady backlog reuses its free pages: no work then
+            if not self._reclaiming:
+                return
             deadline = time.monotonic() + _RECLAIM_S
             while free and time.monotonic() < deadline:
                 db.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP})").fetchall()
                 free = _pages(db)[1]
-            # The file shrinks when checkpointed, and the WAL goes back to nothing.
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            if not free:
+                # The file shrinks when checkpointed, and the WAL goes back to nothing; until both
+                # are done, the next rounds carry on.
+                busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                self._reclaiming = bool(busy)
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise  # another writer held the lock: the next round tries again
