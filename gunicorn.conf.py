@@ -65,11 +65,16 @@ def on_starting(server):
     from dtmf_service.audit.outbox import open_outbox
     from dtmf_service.idempotency import Idempotency
     from dtmf_service.pluginmanager import check_plugins_isolated
+    from dtmf_service.web import apikeys
 
     probe = {}
     try:
         _cfg.load_sources(probe)
         _cfg.finalise(probe)
+        if probe["API_KEYS_FILE"]:
+            # The master reads the keys file; the workers it forks inherit the keys (and at a reload,
+            # keep the old ones when the file is bad: see on_reload).
+            apikeys.hold(probe["API_KEYS_FILE"])
         # In a child process: a plugin imported here would stay in every forked worker, and a
         # reload would never run a newly installed version.
         check_plugins_isolated()
@@ -79,9 +84,18 @@ def on_starting(server):
             outbox = open_outbox(probe, probe["AUDIT_SINKS"])  # the audit outbox too
             outbox.import_legacy_spool()  # an earlier version's spool, before any worker exists
             outbox.close()
-    except _cfg.ConfigError as exc:
+    except (_cfg.ConfigError, apikeys.KeysError) as exc:
         logging.getLogger("gunicorn.error").error("dtmf-gateway: configuration error: %s", exc)
         raise SystemExit(4) from None
+
+
+def on_reload(server):
+    """kill -HUP (systemctl reload), before the new workers fork: re-read API_KEYS_FILE; a bad file
+    keeps the old keys (logged, GET /healthz says stale) instead of new workers exiting 4 and the
+    master halting."""
+    from dtmf_service.web import apikeys
+
+    apikeys.reload_held(server.log)
 
 
 def post_worker_init(worker):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,11 +33,11 @@ log = logging.getLogger("dtmf_service")
 def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
     """The Flask application. ``test_config`` replaces the environment and file sources."""
     from flask import Flask, g, request
-    from werkzeug.middleware.proxy_fix import ProxyFix
 
     from dtmf_service import config as cfg
     from dtmf_service.cli import register as register_cli
     from dtmf_service.deadlines import request_read_done
+    from dtmf_service.web.edge import TrustedProxies, request_id
     from dtmf_service.web.errors import error_response, register_error_handlers
     from dtmf_service.web.tracing import trace_from_header
     from dtmf_service.web.views import bp
@@ -55,13 +54,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
     components = build(app.config)
     app.extensions["dtmf"] = components
     if app.config["PROXY_COUNT"]:
-        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app,
-            x_for=app.config["PROXY_COUNT"],
-            x_proto=app.config["PROXY_COUNT"],
-            x_host=0,
-            x_port=0,
-            x_prefix=0,
+        # X-Forwarded-* only from FORWARDED_ALLOW_IPS (nginx on this host by default), never from anyone.
+        app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
+            app.wsgi_app, app.config["FORWARDED_ALLOW_IPS"], app.config["PROXY_COUNT"]
         )
     register_error_handlers(app)
     register_cli(app)
@@ -80,9 +75,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
         if "//" in _raw_path(request.environ):
             # gunicorn turns "//api/dtmf/parse" into "/api/dtmf/parse" before routing: judge what was sent.
             return error_response(404, "invalid_request", "no such endpoint")
-        supplied = request.headers.get("X-Request-ID", "")
-        ok = 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable()
-        g.request_id = supplied if ok else uuid.uuid4().hex
+        g.request_id = request_id(request.headers.get("X-Request-ID"))  # nginx's rule too
         g.trace_id, g.trace_flags = trace_from_header(request.headers.get("traceparent"))
         request.environ["dtmf.trace_id"] = g.trace_id  # for the access log
 
@@ -95,6 +88,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
         log.warning(
             "SANDBOX MODE: no CXone instance is configured (DTMF_CXONE_INSTANCE / DTMF_CXONE_BASE_URL); "
             "digits go to the built-in simulator and no real call receives them"
+        )
+    if app.config["AUDIT_DIGITS"] == "full" and components.mode != "sandbox":
+        log.warning(
+            "AUDIT_DIGITS=full: audit events carry the digits in clear (PINs, card data); "
+            "masked (the default) or hashed keep them out of every sink"
         )
     atexit.register(components.close, 5.0)
     return app

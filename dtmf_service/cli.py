@@ -22,8 +22,6 @@ dtmf = AppGroup("dtmf", help="DTMF gateway operator commands.")
 audit = AppGroup("audit", help="The audit outbox: backlog, dead letters, re-delivery.")
 dtmf.add_command(audit)
 
-_MASK = "********"
-
 
 def _components() -> Any:
     return current_app.extensions["dtmf"]
@@ -52,10 +50,7 @@ def check_config(as_json: bool) -> None:
     kinds.update({k: v for k, v in plugin_config_keys(build_plugin_manager(config)).items() if k not in kinds})
     values = {}
     for name, kind in sorted(kinds.items()):
-        value = config.get(name)
-        if kind in ("secret", "secret_list") and value:
-            value = [_MASK] * len(value) if isinstance(value, list) else _MASK
-        values[name] = value
+        values[name] = cfg.shown_value(name, config.get(name), kind)  # secrets and URL passwords masked
     if as_json:
         click.echo(json.dumps(values, indent=2, default=str))
     else:

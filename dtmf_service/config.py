@@ -11,13 +11,16 @@ time) beside it: an operator looking up a key reads one file.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from dtmf_service.simulator import SANDBOX_URL
+from dtmf_service.web import apikeys
 
 ENV_PREFIX = "DTMF"
 
@@ -29,7 +32,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Key:
     default: Any
-    kind: str  # str | secret | int | float | bool | list | secret_list | choice
+    kind: str  # str | secret | url (may carry a password) | int | float | bool | list | secret_list | choice
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
@@ -39,8 +42,8 @@ KEYS: dict[str, Key] = {
     # Upstream (CONTRACT.md sections 3 and 6)
     "CXONE_API": Key("tutorial", "choice", choices=("tutorial", "agent")),
     "CXONE_INSTANCE": Key(None, "str"),
-    "CXONE_BASE_URL": Key(None, "str"),
-    "CXONE_TOKEN_URL": Key(None, "str"),
+    "CXONE_BASE_URL": Key(None, "url"),
+    "CXONE_TOKEN_URL": Key(None, "url"),
     "CXONE_CLIENT_ID": Key(None, "secret"),
     "CXONE_CLIENT_SECRET": Key(None, "secret"),
     "CXONE_SCOPE": Key("interaction:write", "str"),
@@ -53,8 +56,8 @@ KEYS: dict[str, Key] = {
     "CXONE_TOKEN_REFRESH_MARGIN_S": Key(None, "float", minimum=0, maximum=86400),
     "CXONE_CA_BUNDLE": Key(None, "str"),
     # Agent API dialect (../shared/CXONE-AGENT-API.md)
-    "CXONE_AUTH_BASE": Key("https://cxone.niceincontact.com", "str"),
-    "CXONE_API_ENDPOINT": Key(None, "str"),
+    "CXONE_AUTH_BASE": Key("https://cxone.niceincontact.com", "url"),
+    "CXONE_API_ENDPOINT": Key(None, "url"),
     "CXONE_TENANT_ID": Key(None, "str"),
     "CXONE_ACCESS_KEY_ID": Key(None, "secret"),
     "CXONE_ACCESS_KEY_SECRET": Key(None, "secret"),
@@ -68,7 +71,9 @@ KEYS: dict[str, Key] = {
     "METRICS_PUBLIC": Key(False, "bool"),
     "ALLOW_UNAUTHENTICATED": Key(False, "bool"),
     "PROXY_COUNT": Key(0, "int", minimum=0, maximum=10),
-    "IDEMPOTENCY_STORE": Key(None, "str"),
+    "FORWARDED_ALLOW_IPS": Key(["127.0.0.1", "::1"], "list"),
+    "ALLOW_PLAINTEXT": Key(False, "bool"),
+    "IDEMPOTENCY_STORE": Key(None, "url"),
     "IDEMPOTENCY_TTL_S": Key(86400, "int", minimum=1, maximum=30 * 86400),
     "IDEMPOTENCY_HASH_KEY": Key(None, "secret"),
     # Plugins
@@ -77,13 +82,13 @@ KEYS: dict[str, Key] = {
     "PLUGINS": Key([], "list"),
     "METRICS_DIR": Key(None, "str"),
     # Audit
-    "AUDIT_DIGITS": Key("full", "choice", choices=("full", "masked", "hashed")),
+    "AUDIT_DIGITS": Key("masked", "choice", choices=("full", "masked", "hashed")),
     "AUDIT_HASH_KEY": Key(None, "secret"),
     "AUDIT_SENSITIVE_KEYS": Key([], "list"),
     "AUDIT_SPOOL_DIR": Key(None, "str"),
     "AUDIT_SPOOL_MAX_MB": Key(512.0, "float", minimum=0.001, maximum=1024 * 1024),
     "AUDIT_QUEUE_SIZE": Key(None, "int", minimum=1, maximum=10_000_000),  # deprecated: the outbox has no queue
-    "AUDIT_OUTBOX": Key(None, "str"),
+    "AUDIT_OUTBOX": Key(None, "url"),
     "AUDIT_OUTBOX_FSYNC": Key(False, "bool"),
     "AUDIT_LEASE_S": Key(30.0, "float", minimum=0.1, maximum=3600),
     "AUDIT_BATCH_SIZE": Key(100, "int", minimum=1, maximum=10000),
@@ -91,7 +96,7 @@ KEYS: dict[str, Key] = {
     "AUDIT_RETRY_ATTEMPTS": Key(3, "int", minimum=1, maximum=100),
     "AUDIT_BACKOFF_BASE_S": Key(0.5, "float", minimum=0, maximum=600),
     "AUDIT_BACKOFF_MAX_S": Key(30.0, "float", minimum=0, maximum=3600),
-    "AUDIT_WEBHOOK_URL": Key(None, "str"),
+    "AUDIT_WEBHOOK_URL": Key(None, "url"),
     "AUDIT_WEBHOOK_SECRET": Key([], "secret_list"),  # several while rotating: the first is current
     "AUDIT_WEBHOOK_CA_BUNDLE": Key(None, "str"),
     "AUDIT_WEBHOOK_TIMEOUT_S": Key(5.0, "float", minimum=0.001, maximum=600),
@@ -99,7 +104,7 @@ KEYS: dict[str, Key] = {
     "AUDIT_WEBHOOK_BATCH_MAX": Key(1, "int", minimum=1, maximum=1000),
     "AUDIT_FILE_PATH": Key(None, "str"),
     "AUDIT_FILE_FSYNC": Key("batch", "choice", choices=("always", "batch", "never")),
-    "AUDIT_SYSLOG_ADDRESS": Key("/dev/log", "str"),
+    "AUDIT_SYSLOG_ADDRESS": Key("/dev/log", "url"),
     "AUDIT_SYSLOG_FACILITY": Key("local0", "str"),
     "AUDIT_SYSLOG_APP_NAME": Key("dtmf-gateway", "str"),
     "AUDIT_SYSLOG_CA_BUNDLE": Key(None, "str"),
@@ -109,7 +114,17 @@ KEYS: dict[str, Key] = {
     "LOG_LEVEL": Key("INFO", "choice", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
 }
 
-_STRING_KINDS = {"str", "secret", "choice", "list", "secret_list"}
+# Every secret, and every URL that may carry a password, can be given as K_FILE: a path read at
+# start (systemd's LoadCredential=), so the secret stays out of the process environment. API_KEYS
+# has API_KEYS_FILE already, with its own meaning (one key per line, reloaded on SIGHUP).
+FILE_SUFFIX = "_FILE"
+SECRET_FILE_KEYS = tuple(
+    name for name, key in KEYS.items() if key.kind in {"secret", "secret_list", "url"} and name != "API_KEYS"
+)
+KEYS.update({name + FILE_SUFFIX: Key(None, "str") for name in SECRET_FILE_KEYS})
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+_STRING_KINDS = {"str", "secret", "url", "choice", "list", "secret_list"}
 
 # DTMF_* variables that gunicorn.conf.py reads (deployment, not the application): known keys too.
 DEPLOYMENT_KEYS = frozenset(
@@ -150,22 +165,82 @@ def reject_unknown(config: Mapping[str, Any], plugin_keys: Iterable[str] = ()) -
 
 
 def read_api_keys_file(path: str) -> list[str]:
-    """One key per line; blank lines and ``#`` comments ignored. Read at each worker's start, so
-    ``kill -HUP <master>`` (systemctl reload) adds and revokes keys without a restart."""
+    """The keys of an API_KEYS_FILE (rules in dtmf_service.web.apikeys), or ConfigError naming the line."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"API_KEYS_FILE: cannot read {path} ({type(exc).__name__})") from None
-    keys = []
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
+        return list(apikeys.read_keys_file(path).keys)
+    except apikeys.KeysError as exc:
+        raise ConfigError(f"API_KEYS_FILE: {exc}") from None
+
+
+def read_secret_files(config: dict[str, Any]) -> None:
+    """Set each secret K given as K_FILE from its file: one trailing newline stripped, K itself unset."""
+    for name in SECRET_FILE_KEYS:
+        path = config.get(name + FILE_SUFFIX)
+        if not path:
             continue
-        if any(c.isspace() for c in text) or not text.isprintable():
-            raise ConfigError(f"API_KEYS_FILE: line {number} of {path} is not a single key")
-        keys.append(text)
-    return keys
+        if config.get(name) not in (None, ""):
+            raise ConfigError(f"{name}{FILE_SUFFIX}: set {name} or {name}{FILE_SUFFIX}, not both")
+        config[name] = _read_secret_file(name + FILE_SUFFIX, str(path))
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path} ({exc.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{name}: {path} is not a regular file")
+        data = os.read(fd, MAX_SECRET_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(f"{name}: {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: {path} is not UTF-8") from None
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text:
+        raise ConfigError(f"{name}: {path} is empty")
+    return text
+
+
+_MASK = "********"
+
+
+def shown_value(name: str, value: Any, kind: str | None = None) -> Any:
+    """A key's value as check-config prints it: secrets masked, and the user-info and query of a
+    URL (``redis://:pw@host``, ``https://user:pw@host/?token=``). ``kind``: a plugin-declared key's."""
+    kind = kind or (KEYS[name].kind if name in KEYS else None)
+    if kind is None or not value:
+        return value
+    if kind == "secret_list":
+        return [_MASK] * len(value) if isinstance(value, list) else _MASK
+    if kind == "secret":
+        return _MASK
+    if kind == "url":
+        return mask_url(str(value))
+    return value
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its user-info, query and fragment masked; the scheme, hosts and path kept."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url if "@" not in url and "?" not in url else _MASK
+    rest, hash_sign, fragment = rest.partition("#")
+    rest, question, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = f"{_MASK}@{netloc.rpartition('@')[2]}"
+    shown = f"{scheme}://{netloc}{slash}{path}"
+    if question:
+        pairs = [pair.partition("=") for pair in query.split("&")]
+        shown += "?" + "&".join(f"{k}={_MASK}" if eq else _MASK for k, eq, _ in pairs)
+    if hash_sign:
+        shown += "#" + _MASK
+    return shown
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -278,14 +353,88 @@ def _read_file(path: str) -> dict[str, Any]:
 
 def finalise(config: dict[str, Any]) -> None:
     """Apply defaults, convert types, derive URLs and check combinations, in place."""
+    read_secret_files(config)
     for name, key in KEYS.items():
         config[name] = normalise(name, key, config.get(name))
     config.pop("SANDBOX", None)  # derived below, never taken from the environment or a file
     config["SANDBOX"] = is_sandbox(config)
-    if config["API_KEYS_FILE"]:
-        config["API_KEYS"] = list(config["API_KEYS"]) + read_api_keys_file(config["API_KEYS_FILE"])
+    _load_api_keys(config)
     _derive_urls(config)
     _check_combinations(config)
+    _refuse_plaintext(config)
+    _check_forwarded_allow_ips(config["FORWARDED_ALLOW_IPS"])
+
+
+def _load_api_keys(config: dict[str, Any]) -> None:
+    """API_KEYS checked key by key, then API_KEYS_FILE's keys added (a gunicorn master's copy when
+    it read the file: a bad file at a reload never reaches a worker)."""
+    try:
+        keys = apikeys.check_keys(config["API_KEYS"], "API_KEYS")
+        if config["API_KEYS_FILE"]:
+            keys += apikeys.current(config["API_KEYS_FILE"]).keys
+    except apikeys.KeysError as exc:
+        name = "API_KEYS" if str(exc).startswith("API_KEYS:") else "API_KEYS_FILE"
+        raise ConfigError(str(exc) if name == "API_KEYS" else f"API_KEYS_FILE: {exc}") from None
+    config["API_KEYS"] = keys
+
+
+_PLAINTEXT_URL_KEYS = (
+    "CXONE_BASE_URL",
+    "CXONE_TOKEN_URL",
+    "CXONE_AUTH_BASE",
+    "CXONE_API_ENDPOINT",
+    "AUDIT_WEBHOOK_URL",
+)
+
+
+def _refuse_plaintext(config: Mapping[str, Any]) -> None:
+    """Digits, the CXone secret and audit events never travel in clear past this host
+    (CONTRACT.md section 8, *rev 3*), unless ALLOW_PLAINTEXT says so."""
+    if config["ALLOW_PLAINTEXT"]:
+        return
+    plain = [(name, "http") for name in _PLAINTEXT_URL_KEYS] + [
+        ("AUDIT_SYSLOG_ADDRESS", "udp"),
+        ("AUDIT_SYSLOG_ADDRESS", "tcp"),
+    ]
+    for name, scheme in plain:
+        value = str(config.get(name) or "")
+        if config["SANDBOX"] and name.startswith("CXONE_"):
+            continue  # the in-process simulator: nothing leaves the process
+        if not value.lower().startswith(f"{scheme}://"):
+            continue
+        host = _url_host(value)
+        if not is_loopback_host(host):
+            raise ConfigError(
+                f"{name}: {scheme}:// to {host or 'an unnamed host'} is plaintext off this host (digits and secrets"
+                f" in clear); use {'https' if scheme == 'http' else 'tls'}:// or set DTMF_ALLOW_PLAINTEXT=true"
+            )
+
+
+def _url_host(url: str) -> str:
+    netloc = url.partition("://")[2].split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    if netloc.startswith("["):
+        return netloc[1:].partition("]")[0]
+    return netloc.rpartition(":")[0] if ":" in netloc else netloc
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: traffic that never leaves the host."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_forwarded_allow_ips(entries: Iterable[str]) -> None:
+    for entry in entries:
+        if entry == "*":
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"FORWARDED_ALLOW_IPS: {entry!r} is not an address or a network") from None
 
 
 def is_sandbox(config: Mapping[str, Any]) -> bool:
@@ -329,7 +478,7 @@ def _check_combinations(config: dict[str, Any]) -> None:
         check_config(config)
     if config["CXONE_TOKEN_REFRESH_MARGIN_S"] is None:
         config["CXONE_TOKEN_REFRESH_MARGIN_S"] = 600.0 if config["CXONE_API"] == "agent" else 30.0
-    if not sandbox and not config["API_KEYS"] and not config["ALLOW_UNAUTHENTICATED"]:
+    if not sandbox and not config["API_KEYS"] and not config["API_KEYS_FILE"] and not config["ALLOW_UNAUTHENTICATED"]:
         raise ConfigError(
             "API_KEYS: required outside sandbox mode (anyone reaching the port could press keys in any call);"
             " set DTMF_ALLOW_UNAUTHENTICATED=true to run without caller authentication"

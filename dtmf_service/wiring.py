@@ -26,6 +26,7 @@ from dtmf_service.metrics import Metrics
 from dtmf_service.parse import ParseService
 from dtmf_service.pluginmanager import build_plugin_manager, plugin_config_keys, resolve_exporters, resolve_sinks
 from dtmf_service.simulator import Simulator
+from dtmf_service.web import apikeys
 from dtmf_service.web.security import Authenticator
 
 log = logging.getLogger("dtmf_service")
@@ -45,6 +46,7 @@ class Components:
     trail: AuditTrail
     idempotency: Idempotency
     parser: ParseService
+    api_keys_stale: str | None = None  # API_KEYS_FILE not reloaded: why (GET /healthz says so)
     _closed: bool = False
 
     @property
@@ -91,15 +93,18 @@ def build(config: dict[str, Any]) -> Components:
         log.warning("AUDIT_QUEUE_SIZE is deprecated and ignored: events go straight to the outbox")
     trail = AuditTrail(Redactor(config), exporters, outbox, delivery, metrics, request_lease_s(config))
     idempotency = Idempotency.from_config(config, on_store_error=metrics.idempotency_store_error)
+    if config["API_KEYS_FILE"] and not config["API_KEYS"]:
+        log.error("API_KEYS_FILE %s holds no key: every caller is refused", config["API_KEYS_FILE"])
     return Components(
         config=config,
         mode="sandbox" if config["SANDBOX"] else "cxone",
         max_body=int(config["MAX_CONTENT_LENGTH"]),
-        authenticator=Authenticator(config["API_KEYS"]),
+        authenticator=Authenticator(config["API_KEYS"], required=bool(config["API_KEYS_FILE"])),
         metrics=metrics,
         exporters=exporters,
         client=client,
         trail=trail,
         idempotency=idempotency,
         parser=ParseService(client, idempotency, trail),
+        api_keys_stale=apikeys.stale_reason(config["API_KEYS_FILE"]) if config["API_KEYS_FILE"] else None,
     )

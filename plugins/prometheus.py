@@ -72,6 +72,9 @@ class _CoreCollector:
         for result, count in self.core.get("cxone_token_fetches", {}).items():
             tokens.add_metric([result], count)
         yield tokens
+        yield CounterMetricFamily(
+            "dtmf_auth_failures", "Requests refused 401 (missing or wrong API key)", self.core.get("auth_failures", 0)
+        )
         sinks = self.core.get("audit_sinks", {})
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
             "pending": GaugeMetricFamily("dtmf_audit_pending", "Audit events not yet delivered", labels=["sink"]),

@@ -35,7 +35,7 @@ class Redactor:
     """Applies AUDIT_DIGITS and AUDIT_SENSITIVE_KEYS to the digits of an event."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        self.mode = config.get("AUDIT_DIGITS", "full")
+        self.mode = config.get("AUDIT_DIGITS", "masked")  # the safe default (CONTRACT.md section 8, *rev 3*)
         key = config.get("AUDIT_HASH_KEY") or ""
         self._hash_key = key.encode() if isinstance(key, str) else bytes(key)
         self._sensitive = tuple(config.get("AUDIT_SENSITIVE_KEYS") or ())

@@ -35,7 +35,7 @@ REQUEST_COUNTERS = ("successful_parses", "validation_failures", "submission_fail
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 25.0)
 ATTEMPT_RESULTS = ("2xx", "4xx", "429", "5xx", "not_sent", "unknown")  # dtmf_cxone_attempts_total{result}
 TOKEN_FETCH_RESULTS = ("ok", "error")
-ERROR_COUNTERS = ("idempotency_store_errors", "audit_dropped", "audit_outbox_errors")
+ERROR_COUNTERS = ("idempotency_store_errors", "audit_dropped", "audit_outbox_errors", "auth_failures")
 SINK_COUNTERS = ("delivered", "failed_attempts", "dead_letters")
 
 
@@ -86,6 +86,10 @@ class Metrics:
             if category == "successful_parses":
                 amounts["latency_ms_sum"] = outcome.latency_ms
         self.counters.add_many(amounts)
+
+    def auth_failure(self) -> None:
+        """A request refused 401 (not counted in section 4's figures; one total, never per key)."""
+        self.counters.inc("auth_failures")
 
     def cxone_attempt(self, result: str) -> None:
         self.counters.inc(f"cxone_attempts.{result}")
@@ -139,6 +143,7 @@ class Metrics:
             "audit_sinks": sinks,
             "idempotency_store_errors": int(totals.get("idempotency_store_errors", 0)),
             "audit_outbox_errors": int(totals.get("audit_outbox_errors", 0)),
+            "auth_failures": int(totals.get("auth_failures", 0)),
         }
 
     def core_figures(self) -> dict[str, Any]:
@@ -160,6 +165,7 @@ class Metrics:
             "cxone_attempts": {r: int(totals.get(f"cxone_attempts.{r}", 0)) for r in ATTEMPT_RESULTS},
             "cxone_token_fetches": {r: int(totals.get(f"cxone_token_fetches.{r}", 0)) for r in TOKEN_FETCH_RESULTS},
             "audit_sinks": self._audit_sinks(totals),
+            "auth_failures": int(totals.get("auth_failures", 0)),
         }
 
     def _audit_sinks(self, totals: Mapping[str, float]) -> dict[str, dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import RequestEntityTooLarge
 
 
@@ -44,10 +45,16 @@ def read_body(environ: dict[str, Any], max_body: int) -> bytes:
     if environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaType()
     stream = environ["wsgi.input"]
-    if length is None:
-        # Chunked: read one byte past the limit (werkzeug would silently cut the body at it).
-        return _read_limited(stream, max_body) if environ.get("wsgi.input_terminated") else b""
-    body = _read_exact(stream, length)
+    try:
+        if length is None:
+            # Chunked: read one byte past the limit (werkzeug would silently cut the body at it).
+            return _read_limited(stream, max_body) if environ.get("wsgi.input_terminated") else b""
+        body = _read_exact(stream, length)
+    except ParseException:
+        # gunicorn found a bad chunk size, extension or terminator: the caller's fault, not ours (never 500).
+        raise BadRequest("malformed chunked request body") from None
+    except NoMoreData:
+        raise BodyIncomplete() from None
     if len(body) < length:
         raise BodyIncomplete()
     return body

@@ -144,6 +144,9 @@ class MetricsSchema(Schema):
     audit_outbox_errors = fields.Integer(
         required=True, metadata={"description": "audit events or placeholders the outbox could not store"}
     )
+    auth_failures = fields.Integer(
+        required=True, metadata={"description": "requests refused 401 (missing or wrong API key), every caller"}
+    )
     audit_sinks = fields.Dict(
         keys=fields.String(),
         values=fields.Dict(keys=fields.String(), values=fields.Raw()),
@@ -159,6 +162,13 @@ class HealthSchema(Schema):
     status = fields.String(required=True, metadata={"enum": ["ok"]})
     mode = fields.String(required=True, metadata={"enum": ["cxone", "sandbox"]})
     api = fields.String(required=True, metadata={"enum": ["tutorial", "agent"]})
+    api_keys = fields.String(
+        metadata={
+            "enum": ["ok", "stale"],
+            "description": "with API_KEYS_FILE: stale when the last reload kept the previous keys",
+        }
+    )
+    api_keys_error = fields.String(metadata={"description": "why the keys file was not reloaded (no key material)"})
 
 
 def summarise(errors: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flask import Response, g, request
 
@@ -24,12 +24,14 @@ _METRICS = frozenset({"dtmf.metrics", "dtmf.prometheus_metrics"})
 class Authenticator:
     """Matches a bearer token against the configured keys."""
 
-    def __init__(self, keys: Iterable[str]) -> None:
+    def __init__(self, keys: Iterable[str], required: bool = False) -> None:
         self._keys = [key.encode() for key in keys]
+        # API_KEYS_FILE set: on whatever the file holds; an empty file refuses everyone (never fails open).
+        self._required = required
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return self._required or bool(self._keys)
 
     def caller(self, authorization: str) -> str | None:
         """The caller's identity for a matching ``Authorization`` header, else None."""
@@ -43,16 +45,20 @@ class Authenticator:
         return hashlib.sha256(candidate).hexdigest()[:32] if matched else None
 
 
-def authenticate(authenticator: Authenticator, metrics_public: bool) -> Response | None:
+def authenticate(
+    authenticator: Authenticator, metrics_public: bool, on_failure: Callable[[], None] | None = None
+) -> Response | None:
     """The blueprint's ``before_request``: None to proceed (``g.caller`` set), else the 401.
 
     Every endpoint needs a key but /healthz, the OpenAPI document and, when METRICS_PUBLIC is
-    set, the two metrics endpoints."""
+    set, the two metrics endpoints. Each refusal is counted (``on_failure``): never per key."""
     g.caller = ""
     if not authenticator.enabled or request.endpoint in _OPEN or (metrics_public and request.endpoint in _METRICS):
         return None
     caller = authenticator.caller(request.headers.get("Authorization", ""))
     if caller is None:
+        if on_failure is not None:
+            on_failure()
         return unauthorized()
     g.caller = caller
     return None

@@ -16,7 +16,7 @@ from dtmf_service.deadlines import request_read_done
 from dtmf_service.hookspecs import RenderingExporter
 from dtmf_service.outcome import Facts, Outcome, RequestContext
 from dtmf_service.parse import internal_error, invalid
-from dtmf_service.web.body import BodyIncomplete, UnsupportedMediaType, read_body
+from dtmf_service.web.body import BadRequest, BodyIncomplete, UnsupportedMediaType, read_body
 from dtmf_service.web.errors import error_response, json_response
 from dtmf_service.web.security import authenticate
 
@@ -33,7 +33,7 @@ def components() -> Components:
 @bp.before_request
 def _authenticate() -> Response | None:
     c = components()
-    return authenticate(c.authenticator, bool(c.config["METRICS_PUBLIC"]))
+    return authenticate(c.authenticator, bool(c.config["METRICS_PUBLIC"]), c.metrics.auth_failure)
 
 
 @bp.post("/api/dtmf/parse")
@@ -64,6 +64,8 @@ def _handle(c: Components, ctx: RequestContext) -> Outcome:
         return invalid(415, "Content-Type must be application/json", _no_facts(), ctx)
     except BodyIncomplete:
         return invalid(408, "the request body did not arrive in time", _no_facts(), ctx)
+    except BadRequest as exc:
+        return invalid(400, str(exc), _no_facts(), ctx)
     except Exception as exc:  # noqa: BLE001 - counted as section 4 asks, like any unexpected error
         return internal_error(exc, _no_facts(), ctx)
     finally:
@@ -103,7 +105,13 @@ def prometheus_metrics() -> Response:
 @bp.get("/healthz")
 def healthz() -> Response:
     c = components()
-    return json_response({"status": "ok", "mode": c.mode, "api": c.config["CXONE_API"]})
+    body = {"status": "ok", "mode": c.mode, "api": c.config["CXONE_API"]}
+    if c.config["API_KEYS_FILE"]:
+        # Still "ok" (the service answers), but an operator sees that a reload kept the old keys, and why.
+        body["api_keys"] = "stale" if c.api_keys_stale else "ok"
+        if c.api_keys_stale:
+            body["api_keys_error"] = c.api_keys_stale
+    return json_response(body)
 
 
 @bp.get("/api/openapi.json")

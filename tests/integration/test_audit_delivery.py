@@ -188,7 +188,7 @@ def test_unauthenticated_requests_are_neither_counted_nor_audited(
         **gateway_env,
         **dialect_env("tutorial", sim_url),
         **sinks_env(tmp_path, webhook, syslog.port, statsd.port),
-        "DTMF_API_KEYS": "k-1",
+        "DTMF_API_KEYS": "k-1-0123456789abcdef",
         "DTMF_METRICS_PUBLIC": "true",
     }
     gateway = start_gunicorn(env, workers=2)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def test_api_keys_file_rotation_takes_effect_on_reload(tmp_path, gateway_env, sim_url, start_gunicorn):
     keys = tmp_path / "api-keys"
-    keys.write_text("# rotated by ops\nold-key\n")
+    keys.write_text("# rotated by ops\nold-key-0123456789\n")
     env = {**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_API_KEYS_FILE": str(keys)}
     env.pop("DTMF_ALLOW_UNAUTHENTICATED")
     gateway = start_gunicorn(env, workers=3)
@@ -32,15 +32,15 @@ def test_api_keys_file_rotation_takes_effect_on_reload(tmp_path, gateway_env, si
             f"{gateway.url}/api/dtmf/parse", json=VALID, headers={"Authorization": f"Bearer {key}"}, timeout=10
         ).status_code
 
-    assert status("old-key") == 200 and status("new-key") == 401
+    assert status("old-key-0123456789") == 200 and status("new-key-0123456789") == 401
     before = set(gateway.worker_pids())
-    keys.write_text("new-key\n")
+    keys.write_text("new-key-0123456789\n")
     os.kill(gateway.proc.pid, signal.SIGHUP)
     wait_until(lambda: not (set(gateway.worker_pids()) & before) and len(gateway.worker_pids()) == 3, timeout=30)
     wait_until(lambda: healthy(gateway.url), timeout=10)
     # Every worker now refuses the revoked key (many requests spread over all of them).
-    assert {status("old-key") for _ in range(30)} == {401}
-    assert {status("new-key") for _ in range(30)} == {200}
+    assert {status("old-key-0123456789") for _ in range(30)} == {401}
+    assert {status("new-key-0123456789") for _ in range(30)} == {200}
 
 
 def test_every_access_log_line_is_json_whatever_the_caller_sends(tmp_path, gateway_env, sim_url, start_gunicorn):

@@ -55,12 +55,12 @@ def test_secrets_stay_strings_even_when_they_look_like_numbers(secret):
             "DTMF_CXONE_INSTANCE": "acme.my.cxone.com",
             "DTMF_CXONE_CLIENT_ID": secret,
             "DTMF_CXONE_CLIENT_SECRET": secret,
-            "DTMF_API_KEYS": secret,
+            "DTMF_API_KEYS": secret.ljust(16, "0"),  # API keys: at least 16 characters
         }
     )
     assert config["CXONE_CLIENT_SECRET"] == secret
     assert config["CXONE_CLIENT_ID"] == secret
-    assert config["API_KEYS"] == [secret]
+    assert config["API_KEYS"] == [secret.ljust(16, "0")]
 
 
 def test_instance_derives_urls():
@@ -69,7 +69,7 @@ def test_instance_derives_urls():
             "DTMF_CXONE_INSTANCE": "acme.my.cxone.com",
             "DTMF_CXONE_CLIENT_ID": "i",
             "DTMF_CXONE_CLIENT_SECRET": "s",
-            "DTMF_API_KEYS": "k",
+            "DTMF_API_KEYS": "k" * 16,
         }
     )
     assert config["CXONE_BASE_URL"] == "https://acme.my.cxone.com/api/v2"
@@ -182,10 +182,10 @@ def test_unknown_key_in_a_config_file_stops_start_up(tmp_path):
 
 def test_api_keys_file_is_read_with_comments_and_merged(tmp_path):
     path = tmp_path / "keys"
-    path.write_text("# operators\nkey-one\n\n  key-two  \n")
-    config = {"API_KEYS": "inline", "API_KEYS_FILE": str(path)}
+    path.write_text("# operators\nkey-one-0123456789\n\n  key-two-0123456789  \n")
+    config = {"API_KEYS": "inline-0123456789", "API_KEYS_FILE": str(path)}
     cfg.finalise(config)
-    assert config["API_KEYS"] == ["inline", "key-one", "key-two"]
+    assert config["API_KEYS"] == ["inline-0123456789", "key-one-0123456789", "key-two-0123456789"]
     with pytest.raises(cfg.ConfigError, match="API_KEYS_FILE: cannot read"):
         cfg.finalise({"API_KEYS_FILE": str(tmp_path / "missing")})
 

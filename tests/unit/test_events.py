@@ -52,7 +52,7 @@ VALID = {
 
 
 def test_event_has_every_field():
-    e = event(sent=VALID, valid=VALID, cxone_status=200, cxone_response="{}", outcome="dtmf_submitted")
+    e = event(Redactor({"AUDIT_DIGITS": "full"}), sent=VALID, valid=VALID, cxone_status=200, cxone_response="{}", outcome="dtmf_submitted")
     assert FIELDS <= set(e)
     uuid.UUID(e["event_id"], version=4)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["timestamp"])
@@ -84,6 +84,7 @@ def test_fields_not_sent_are_null():
 def test_invalid_values_recorded_as_sent_text_cut_to_256():
     sent = {"interaction_id": "x" * 300, "timeout_ms": 5000.5, "node_transition_flag": "yes", "digits": "12A"}
     e = event(
+        Redactor({"AUDIT_DIGITS": "full"}),
         sent=sent,
         invalid_fields={"interaction_id", "timeout_ms", "node_transition_flag", "digits"},
         outcome="validation_failed",
@@ -124,5 +125,5 @@ def test_invalid_digits_are_redacted_too():
 def test_cxone_echo_of_the_digits_is_redacted_too():
     e = event(Redactor({"AUDIT_DIGITS": "masked"}), sent=VALID, valid=VALID, cxone_response='{"played":"1234"}')
     assert e["cxone_response"] == '{"played":"****"}'
-    full = event(Redactor({}), sent=VALID, valid=VALID, cxone_response='{"played":"1234"}')
+    full = event(Redactor({"AUDIT_DIGITS": "full"}), sent=VALID, valid=VALID, cxone_response='{"played":"1234"}')
     assert full["cxone_response"] == '{"played":"1234"}'

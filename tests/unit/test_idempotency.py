@@ -87,9 +87,9 @@ def test_malformed_key_is_400(client, key):
 
 
 def test_keys_are_scoped_to_the_api_key(make_app):
-    client = make_app(API_KEYS=["a-key-1", "b-key-2"]).test_client()
-    first = post(client, headers={"Authorization": "Bearer a-key-1"})
-    other = post(client, {**VALID, "digits": "7"}, headers={"Authorization": "Bearer b-key-2"})
+    client = make_app(API_KEYS=["a-key-1-0123456789", "b-key-2-0123456789"]).test_client()
+    first = post(client, headers={"Authorization": "Bearer a-key-1-0123456789"})
+    other = post(client, {**VALID, "digits": "7"}, headers={"Authorization": "Bearer b-key-2-0123456789"})
     assert first.status_code == other.status_code == 200
     assert "Idempotent-Replayed" not in other.headers
 
@@ -159,9 +159,9 @@ def test_workers_booting_together_all_open_a_fresh_sqlite_store(tmp_path):
 
 
 def test_scope_is_the_callers_identity_not_the_header_text(make_app):
-    client = make_app(API_KEYS=["a-key-1"]).test_client()
-    first = post(client, headers={"Authorization": "Bearer a-key-1"})
-    again = post(client, headers={"Authorization": "bearer  a-key-1"})
+    client = make_app(API_KEYS=["a-key-1-0123456789"]).test_client()
+    first = post(client, headers={"Authorization": "Bearer a-key-1-0123456789"})
+    again = post(client, headers={"Authorization": "bearer  a-key-1-0123456789"})
     assert first.status_code == again.status_code == 200
     assert again.headers["Idempotent-Replayed"] == "true"
 

@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import VALID
 from tests.helpers import WebhookReceiver
 
-KEYS = ["key-old-0001", "key-new-0002"]
+KEYS = ["key-old-0001-abcdefgh", "key-new-0002-abcdefgh"]
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def auth(key):
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, auth("wrong"), {"Authorization": "key-old-0001"}, {"Authorization": "Basic a2V5LW9sZC0wMDAxOg=="}, auth("")],
+    [{}, auth("wrong"), {"Authorization": KEYS[0]}, {"Authorization": "Basic a2V5LW9sZC0wMDAxLWFiY2RlZmdoOg=="}, auth("")],
 )
 def test_missing_or_wrong_key_is_401_json(secured, headers):
     response = secured.post("/api/dtmf/parse", json=VALID, headers=headers)
@@ -58,8 +58,8 @@ def test_keys_never_reach_logs(secured, caplog):
     with caplog.at_level(logging.DEBUG):
         secured.post("/api/dtmf/parse", json=VALID, headers=auth(KEYS[0]))
         secured.post("/api/dtmf/parse", json={**VALID, "interaction_id": "missing-1"}, headers=auth(KEYS[1]))
-        secured.post("/api/dtmf/parse", json=VALID, headers=auth("key-guess-9999"))
-    for key in KEYS + ["key-guess-9999"]:
+        secured.post("/api/dtmf/parse", json=VALID, headers=auth("key-guess-9999-abcdefgh"))
+    for key in KEYS + ["key-guess-9999-abcdefgh"]:
         assert key not in caplog.text
 
 
