@@ -22,7 +22,11 @@ def run(env, *args):
 
 
 def test_check_config_masks_secrets_and_names_a_bad_key(tmp_path, gateway_env):
-    env = {**gateway_env, "DTMF_CXONE_CLIENT_SECRET": "s3cr3t-value", "DTMF_API_KEYS": "key-one-0123456789,key-two-0123456789"}
+    env = {
+        **gateway_env,
+        "DTMF_CXONE_CLIENT_SECRET": "s3cr3t-value",
+        "DTMF_API_KEYS": "key-one-0123456789,key-two-0123456789",
+    }
     done = run(env, "check-config", "--json")
     assert done.returncode == 0, done.stderr
     values = json.loads(done.stdout)

@@ -52,7 +52,14 @@ VALID = {
 
 
 def test_event_has_every_field():
-    e = event(Redactor({"AUDIT_DIGITS": "full"}), sent=VALID, valid=VALID, cxone_status=200, cxone_response="{}", outcome="dtmf_submitted")
+    e = event(
+        Redactor({"AUDIT_DIGITS": "full"}),
+        sent=VALID,
+        valid=VALID,
+        cxone_status=200,
+        cxone_response="{}",
+        outcome="dtmf_submitted",
+    )
     assert FIELDS <= set(e)
     uuid.UUID(e["event_id"], version=4)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["timestamp"])

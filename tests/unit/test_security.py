@@ -22,7 +22,13 @@ def auth(key):
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, auth("wrong"), {"Authorization": KEYS[0]}, {"Authorization": "Basic a2V5LW9sZC0wMDAxLWFiY2RlZmdoOg=="}, auth("")],
+    [
+        {},
+        auth("wrong"),
+        {"Authorization": KEYS[0]},
+        {"Authorization": "Basic a2V5LW9sZC0wMDAxLWFiY2RlZmdoOg=="},
+        auth(""),
+    ],
 )
 def test_missing_or_wrong_key_is_401_json(secured, headers):
     response = secured.post("/api/dtmf/parse", json=VALID, headers=headers)
