@@ -193,7 +193,7 @@ def test_unauthenticated_requests_are_neither_counted_nor_audited(
     }
     gateway = start_gunicorn(env, workers=2)
     assert post(gateway.url, VALID).status_code == 401
-    assert post(gateway.url, VALID, {"Authorization": "Bearer k-1"}).status_code == 200
+    assert post(gateway.url, VALID, {"Authorization": "Bearer k-1-0123456789abcdef"}).status_code == 200
     wait_until(lambda: len(file_ids(tmp_path)) == 1, timeout=10)
     time.sleep(0.3)
     assert len(file_ids(tmp_path)) == 1

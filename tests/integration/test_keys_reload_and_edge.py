@@ -64,7 +64,8 @@ BAD_FILES = {
 def test_a_bad_keys_file_at_a_reload_keeps_the_old_keys_and_the_master(tmp_path, gateway_env, start_gunicorn):
     keys = tmp_path / "api-keys"
     keys.write_text(f"# ops\n{GOOD}\n")
-    gateway = start_gunicorn({**gateway_env, "DTMF_API_KEYS_FILE": str(keys)}, workers=2, threads=2)
+    env = {**gateway_env, "DTMF_API_KEYS_FILE": str(keys), "DTMF_ALLOW_UNAUTHENTICATED": "true"}
+    gateway = start_gunicorn(env, workers=2, threads=2)
     assert (status(gateway.url, GOOD), status(gateway.url, OTHER)) == (200, 401)
     assert requests.get(f"{gateway.url}/healthz", timeout=10).json()["api_keys"] == "ok"
     for name, spoil in BAD_FILES.items():
@@ -86,6 +87,10 @@ def test_a_bad_keys_file_at_a_reload_keeps_the_old_keys_and_the_master(tmp_path,
     assert {status(gateway.url, OTHER) for _ in range(4)} == {200}
     assert {status(gateway.url, GOOD) for _ in range(4)} == {401}
     assert "api_keys_error" not in requests.get(f"{gateway.url}/healthz", timeout=10).json()
+    # Every key commented out on purpose: nobody is accepted (authentication never turns itself off).
+    keys.write_text(f"# {OTHER}\n")
+    reload(gateway)
+    assert {status(gateway.url, OTHER) for _ in range(4)} | {status(gateway.url, "") for _ in range(2)} == {401}
     log = (tmp_path / "gunicorn.log").read_text()
     assert "API_KEYS_FILE not reloaded" in log and GOOD not in log and OTHER not in log
 
