@@ -123,8 +123,39 @@ class ValidationFailedSchema(Schema):
     errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()), required=True)
 
 
-class SubmissionErrorSchema(ErrorSchema):
+class SubmissionErrorSchema(Schema):
+    """404, 502, 503 (submission_failed) and 504 (submission_unknown): what CXone did, if anything."""
+
+    status = fields.String(required=True, metadata={"enum": ["submission_failed", "submission_unknown"]})
+    error = fields.String(required=True)
     cxone_status = fields.Integer(required=True, allow_none=True)
+
+
+class UnauthorizedSchema(Schema):
+    """401: missing or wrong API key (sent with ``WWW-Authenticate: Bearer``)."""
+
+    status = fields.String(required=True, metadata={"enum": ["unauthorized"]})
+    error = fields.String(required=True)
+
+
+class IdempotencyInProgressSchema(Schema):
+    """409: a request with this Idempotency-Key is still being processed."""
+
+    status = fields.String(required=True, metadata={"enum": ["idempotency_in_progress"]})
+    error = fields.String(required=True)
+
+
+class IdempotencyConflictSchema(Schema):
+    """422: this Idempotency-Key was used with a different body."""
+
+    status = fields.String(required=True, metadata={"enum": ["idempotency_conflict"]})
+    error = fields.String(required=True)
+
+
+class InternalErrorSchema(Schema):
+    """500: no detail, ever (the log has the exception type)."""
+
+    status = fields.String(required=True, metadata={"enum": ["internal_error"]})
 
 
 class MetricsSchema(Schema):

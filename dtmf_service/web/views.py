@@ -120,5 +120,5 @@ def openapi() -> Response:
     if document is None:
         from dtmf_service.web.openapi import build_document
 
-        document = current_app.extensions["dtmf.openapi"] = build_document(components().config)
+        document = current_app.extensions["dtmf.openapi"] = build_document(components().config, components().exporters)
     return json_response(document)
