@@ -35,7 +35,7 @@ def gateway(gateway_env, sim_url, start_gunicorn):
         "DTMF_API_KEYS": KEY,
         "DTMF_METRICS_EXPORTERS": "memory,prometheus",
         # 504 comes from a slow answer: CXone's read timeout cut short for the test.
-        "DTMF_CXONE_READ_TIMEOUT_S": "2",
+        "DTMF_CXONE_READ_TIMEOUT_S": "3",
     }
     return start_gunicorn(env, workers=2, threads=4)
 
@@ -108,7 +108,7 @@ def test_generated_client_drives_the_running_service(gateway, generated, sim):
     assert len(dtmf_posts("call-1")) == 1
 
     # 409: the same key while the first request is still waiting for CXone.
-    sim.script("dtmf:busy-1", [{"status": 200, "body": {"status": "accepted"}, "delay_s": 1.5}])
+    sim.script("dtmf:busy-1", [{"status": 200, "body": {"status": "accepted"}, "delay_s": 2.5}])
     slow = {}
     worker = threading.Thread(
         target=lambda: slow.update(r=submit(client=client, body=body("busy-1"), idempotency_key="order-2"))
@@ -129,7 +129,7 @@ def test_generated_client_drives_the_running_service(gateway, generated, sim):
     assert int(limited.headers["Retry-After"]) >= 1
 
     # 504: CXone got the digits but answered too slowly; not re-sent.
-    sim.script("dtmf:slow-1", [{"status": 200, "body": {"status": "accepted"}, "delay_s": 3.0}])
+    sim.script("dtmf:slow-1", [{"status": 200, "body": {"status": "accepted"}, "delay_s": 4.0}])
     unknown = submit(client=client, body=body("slow-1"), idempotency_key="order-3")
     assert unknown.status_code == 504 and isinstance(unknown.parsed, models.SubmissionError), unknown.content
     assert unknown.parsed.status.value == "submission_unknown" and unknown.parsed.cxone_status is None
