@@ -48,11 +48,13 @@ SCHEMAS = {
 BEARER = "bearerAuth"
 
 # Response headers. Inlined rather than $ref'd: every generator and validator reads them alike.
+# web/edge.py's rule (and nginx's): a supplied id is kept only when it matches, so every answer's does.
+REQUEST_ID_PATTERN = "^[A-Za-z0-9._:-]{1,128}$"
 _REQUEST_ID = {
-    "description": "the caller's X-Request-ID when it was 1-128 printable ASCII, else one generated here; "
+    "description": "the caller's X-Request-ID when it matched the pattern, else one generated here; "
     "also in the logs and the audit event",
     "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+    "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
 }
 _REPLAYED = {
     "description": "present (value `true`) when this answer is the stored outcome of an earlier request with "
@@ -87,8 +89,8 @@ def _param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
 _COMMON_PARAMETERS = [
     _param(
         "X-Request-ID",
-        "your id for this request (1-128 printable ASCII), echoed in the answer, the logs and the audit "
-        "event; replaced by a generated one when absent or malformed",
+        "your id for this request (1-128 of A-Z a-z 0-9 . _ : -), echoed in the answer, the logs and the "
+        "audit event; replaced by a generated one when absent or not matching",
         {"type": "string"},
     ),
     _param(

@@ -3,6 +3,8 @@
 The generated client driving a real gunicorn is in test_openapi_client.py.
 """
 
+import re
+
 import jsonschema_rs  # schemathesis' own validator
 import pytest
 import requests
@@ -19,6 +21,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from dtmf_service.web.edge import request_id
 from dtmf_service.web.schemas import DTMFRequestSchema
 from tests.integration.conftest import dialect_env
 
@@ -74,6 +77,11 @@ def test_headers_that_matter_are_documented_both_ways(client):
         for status, response in operation["responses"].items():
             assert response["headers"]["X-Request-ID"]["required"] is True, (path, method, status)
         assert {p["name"] for p in operation["parameters"]} >= {"X-Request-ID", "traceparent"}
+    # The documented X-Request-ID holds for whatever a caller sends (web/edge.py keeps or replaces it).
+    pattern = re.compile(responses["200"]["headers"]["X-Request-ID"]["schema"]["pattern"])
+    for supplied in (None, "", "order-1.2:3_a", "has space", "x" * 129, "caf\u00e9"):
+        assert pattern.fullmatch(request_id(supplied)), supplied
+    assert request_id("order-1.2:3_a") == "order-1.2:3_a"
     assert responses["503"]["headers"]["Retry-After"]["schema"]["type"] == "integer"
     assert responses["503"]["headers"]["Retry-After"]["required"] is True
     assert responses["401"]["headers"]["WWW-Authenticate"]["required"] is True
