@@ -14,7 +14,13 @@ import tempfile
 from dtmf_service import config as _cfg
 from dtmf_service.metrics import counters as _counters
 
+# Every file the service creates is the service user's alone (CONTRACT.md section 8, *rev 3*), whatever
+# umask it was started with; AUDIT_FILE_MODE widens the audit file only. The unit sets UMask=0077 too.
+os.umask(0o077)
+
 bind = os.environ.get("DTMF_BIND", "127.0.0.1:8080")
+# The master's pid, for README's `kill -HUP "$(cat $DTMF_PIDFILE)"`; the shipped unit's env file sets it.
+pidfile = os.environ.get("DTMF_PIDFILE") or None
 # gthread, plus a bound on reading each request (slow clients): DTMF_REQUEST_READ_TIMEOUT_S, default 10.
 worker_class = "dtmf_service.worker.ThreadWorker"
 workers = int(os.environ.get("DTMF_WORKERS") or (os.cpu_count() or 1))
@@ -59,7 +65,7 @@ def on_starting(server):
     if not directory:
         directory = tempfile.mkdtemp(prefix="dtmf-metrics-")
         os.environ["DTMF_METRICS_DIR"] = directory
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     _counters.wipe(directory)
     # Fail fast in the master, with one line, on a bad configuration or an unknown plugin name.
     from dtmf_service.audit.outbox import open_outbox

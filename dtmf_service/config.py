@@ -104,6 +104,7 @@ KEYS: dict[str, Key] = {
     "AUDIT_WEBHOOK_BATCH_MAX": Key(1, "int", minimum=1, maximum=1000),
     "AUDIT_FILE_PATH": Key(None, "str"),
     "AUDIT_FILE_FSYNC": Key("batch", "choice", choices=("always", "batch", "never")),
+    "AUDIT_FILE_MODE": Key("0600", "str"),
     "AUDIT_SYSLOG_ADDRESS": Key("/dev/log", "url"),
     "AUDIT_SYSLOG_FACILITY": Key("local0", "str"),
     "AUDIT_SYSLOG_APP_NAME": Key("dtmf-gateway", "str"),
@@ -128,7 +129,16 @@ _STRING_KINDS = {"str", "secret", "url", "choice", "list", "secret_list"}
 
 # DTMF_* variables that gunicorn.conf.py reads (deployment, not the application): known keys too.
 DEPLOYMENT_KEYS = frozenset(
-    {"BIND", "WORKERS", "THREADS", "ACCESS_LOG", "GUNICORN_LOG_LEVEL", "CONTROL_SOCKET", "REQUEST_READ_TIMEOUT_S"}
+    {
+        "BIND",
+        "WORKERS",
+        "THREADS",
+        "ACCESS_LOG",
+        "GUNICORN_LOG_LEVEL",
+        "CONTROL_SOCKET",
+        "REQUEST_READ_TIMEOUT_S",
+        "PIDFILE",
+    }
 )
 
 

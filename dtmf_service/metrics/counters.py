@@ -40,7 +40,7 @@ class SharedCounters:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)  # owner only, like every file it holds
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._map: mmap.mmap | None = None
@@ -205,7 +205,7 @@ def fold_dead(directory: str, pid: int) -> None:
     folded = [entry for entry in archive["folded"] if now - entry[1] < _FOLDED_MEMORY_S]
     folded.append([token, now])
     tmp = os.path.join(directory, f".{_ARCHIVE}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as handle:
         json.dump({"totals": totals, "folded": folded}, handle)
     os.replace(tmp, os.path.join(directory, _ARCHIVE))  # readers see the old archive or the new, whole
     os.unlink(path)
