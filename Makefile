@@ -5,19 +5,30 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint format simulator bench bench-quick bench-audit bench-scale soak clean
+.PHONY: run test lock lint format simulator bench bench-quick bench-audit bench-scale soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(RUN_STAMP): setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+# Dependencies from the hash-pinned locks only (pip refuses anything whose hash differs), then the
+# project itself without resolving again; its build backend (setuptools) comes from the lock too.
+# Re-lock after changing setup.cfg: make lock.
+$(RUN_STAMP): requirements.lock setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(TEST_STAMP): setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+$(TEST_STAMP): requirements-test.lock setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-test.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@ $(RUN_STAMP)
+
+LOCK := pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --all-build-deps \
+        --no-emit-index-url --no-emit-find-links
+lock:  ## re-pin requirements.lock and requirements-test.lock from setup.cfg (needs pip-tools on PATH)
+	$(LOCK) --output-file requirements.lock setup.cfg
+	$(LOCK) --extra test --output-file requirements-test.lock setup.cfg
 
 run: $(RUN_STAMP)  ## start gunicorn on 127.0.0.1:8080 (sandbox mode unless CXone is configured)
 	$(BIN)/gunicorn -c gunicorn.conf.py app:app
