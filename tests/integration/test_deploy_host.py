@@ -95,7 +95,8 @@ def installed(tmp_path, closed_port):
 
 
 def readme_command(pattern, paths):
-    (line,) = [x for x in readme_lines(pattern) if "$(cat" in x]
+    pidfile = parse_environment_file(readme_env_file())["DTMF_PIDFILE"]
+    (line,) = [x for x in readme_lines(pattern) if f"$(cat {pidfile})" in x]
     return mapped(line.removeprefix("sudo "), paths)
 
 
