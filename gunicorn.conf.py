@@ -123,7 +123,15 @@ def child_exit(server, worker):
 
 
 def worker_exit(server, worker):
-    """Graceful stop (SIGTERM, SIGHUP reload, max_requests): stop delivering; the outbox keeps the rest."""
+    """Every way a worker stops (SIGTERM, SIGHUP reload, max_requests, SIGQUIT/SIGINT quick stop,
+    SIGABRT timeout kill): this runs in the main thread while request threads may still be running.
+    Wait until the last of them has answered and written its audit event (the master's
+    graceful_timeout bounds the wait), then stop delivering; the outbox keeps the rest."""
+    wait = getattr(worker, "wait_for_requests", None)
+    if wait is not None and not wait(worker.cfg.graceful_timeout):
+        logging.getLogger("gunicorn.error").error(
+            "dtmf-gateway: worker %s exits with %d request(s) still running", worker.pid, worker.running_requests()
+        )
     components = _components(worker)
     if components is not None:
         components.close(_AUDIT_FLUSH_S)

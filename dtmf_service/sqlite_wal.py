@@ -33,8 +33,9 @@ def initialise(path: str, setup: Callable[[sqlite3.Connection], None], patience_
             db.close()
 
 
-def retry_busy(attempt: Callable[[], T]) -> T:
-    """Run ``attempt`` again every half millisecond while SQLite says the database is locked.
+def retry_busy(attempt: Callable[[], T], patience_s: float = BUSY_PATIENCE_S) -> T:
+    """Run ``attempt`` again every half millisecond while SQLite says the database is locked, for
+    ``patience_s`` at most.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ms and more, while the lock is usually
     free again after a fraction of a millisecond; in WAL mode only starting a write can be refused."""
@@ -46,7 +47,7 @@ def retry_busy(attempt: Callable[[], T]) -> T:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise
             now = time.monotonic()
-            deadline = deadline or now + BUSY_PATIENCE_S
+            deadline = deadline or now + patience_s
             if now > deadline:
                 raise
             time.sleep(0.0005)

@@ -28,10 +28,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from dtmf_service.audit.event import AuditEvent
-from dtmf_service.audit.journal import FINAL, INTENT, Journal, JournalFull, recover_orphans
+from dtmf_service.audit.journal import FINAL, INTENT, Journal, JournalFull, Ticket, recover_orphans
 from dtmf_service.audit.outbox import Claimed, SinkBacklog
 from dtmf_service.processes import pid_alive
-from dtmf_service.sqlite_wal import initialise, retry_busy
+from dtmf_service.sqlite_wal import BUSY_PATIENCE_S, initialise, retry_busy
 
 log = logging.getLogger("dtmf_service.audit")
 
@@ -126,7 +126,8 @@ class SqliteOutbox:
         self._anchor: tuple[int, sqlite3.Connection] = (os.getpid(), _anchor(path))
         self._migrate_lock = threading.Lock()  # the writer's batches versus moving to a new file
         self._fsync = fsync
-        self._journal = Journal(os.path.join(directory, "journals"))
+        # The journal may spill as far as the spool bound while the outbox cannot take its events.
+        self._journal = Journal(os.path.join(directory, "journals"), spill_max_bytes=max_bytes)
         self._writer = _GroupCommit(self)
         if self.sinks:
             # The sinks every new event fans out to: those of the process that started last.
@@ -163,10 +164,10 @@ class SqliteOutbox:
         db.execute("DELETE FROM sinks")
         db.executemany("INSERT INTO sinks VALUES (?)", [(sink,) for sink in self.sinks])
 
-    def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+    def _execute(self, sql: str, params: Sequence[Any] = (), patience_s: float = BUSY_PATIENCE_S) -> sqlite3.Cursor:
         """One statement, atomic on its own (autocommit), retried while another writer holds the lock."""
         db = self._db()
-        return retry_busy(lambda: db.execute(sql, params))
+        return retry_busy(lambda: db.execute(sql, params), patience_s)
 
     def _transaction(self, work: Any) -> Any:
         db = self._db()
@@ -180,11 +181,11 @@ class SqliteOutbox:
             raise
 
     # -- request path --------------------------------------------------------------------------
-    def intend(self, event: Mapping[str, Any], lease_s: float) -> int | None:
+    def intend(self, event: Mapping[str, Any], lease_s: float) -> Ticket | None:
         """The placeholder, durable before this returns: a journal slot (the ticket for ``commit``)."""
         body = _dumps(event)
         try:
-            slot = self._journal.acquire()
+            slot: Ticket | None = self._journal.acquire()
         except JournalFull:
             slot = None
         if slot is not None:
@@ -195,13 +196,13 @@ class SqliteOutbox:
                 return slot
             except JournalFull:
                 self._journal.release(slot)
-        # No room in the journal (or an event too large for a slot): through SQLite, waiting for it.
-        self._writer.write(_Write("intent", (event["event_id"], os.getpid(), time.time() + lease_s, body)))
+        # No journal at all (it could not be made, or its spill reached the bound): SQLite directly.
+        self._write_now(_Write("intent", (event["event_id"], os.getpid(), time.time() + lease_s, body)))
         return None
 
-    def commit(self, event: Mapping[str, Any], ticket: int | None = None) -> None:
+    def commit(self, event: Mapping[str, Any], ticket: Ticket | None = None) -> None:
         """The final event, durable before this returns (in the journal); the writer thread moves it
-        into SQLite in the background. Without journal room, through SQLite, waiting for it."""
+        into SQLite in the background. Without a journal, through SQLite, waiting for it briefly."""
         row = (event["event_id"], time.time(), _dumps(event))
         slot = ticket
         try:
@@ -211,13 +212,24 @@ class SqliteOutbox:
         except JournalFull:
             if slot is not None:
                 self._journal.release(slot)
-            self._writer.write(_Write("event", row))
+            self._write_now(_Write("event", row))
             return
         if self._fsync:
             self._journal.sync()
-        self._writer.write(_Write("event", row, slot), wait=False)
+        self._writer.write(_Write("event", row, slot))
 
-    def _write_batch(self, batch: Sequence[_Write]) -> None:
+    def _write_now(self, item: _Write) -> None:
+        """A write on the request thread when the journal cannot take it: a caller waits for audit
+        work _DIRECT_WAIT_S at most (CONTRACT.md section 7 rev 3), so a locked outbox makes this
+        raise (the event is then lost, and counted so by the caller) instead of holding the answer."""
+        if not self._migrate_lock.acquire(timeout=_DIRECT_WAIT_S):
+            raise TimeoutError("audit outbox: busy moving into a new file")
+        try:
+            self._write_batch([item], patience_s=_DIRECT_WAIT_S)
+        finally:
+            self._migrate_lock.release()
+
+    def _write_batch(self, batch: Sequence[_Write], patience_s: float = BUSY_PATIENCE_S) -> None:
         """A batch of request writes: one multi-row statement for the placeholders and one for the
         events (the triggers fan each event out to its sinks and drop its placeholder)."""
         intents = [item.row for item in batch if item.kind == "intent"]
@@ -227,6 +239,7 @@ class SqliteOutbox:
             self._execute(
                 "INSERT OR REPLACE INTO intents VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk)),  # noqa: S608 - markers only
                 [value for row in chunk for value in row],
+                patience_s,
             )
         for start in range(0, len(events), 200):
             chunk = events[start : start + 200]
@@ -234,6 +247,7 @@ class SqliteOutbox:
                 "INSERT INTO events (event_id, created, body) VALUES "  # noqa: S608 - "?" markers only
                 + ",".join(["(?, ?, ?)"] * len(chunk)),
                 [value for row in chunk for value in row],
+                patience_s,
             )
 
     @staticmethod
@@ -279,7 +293,10 @@ class SqliteOutbox:
     def check_file(self) -> int:
         """If the outbox file was deleted or replaced at run time, move what this process's
         connections still see of it (undelivered events, dead letters) into a new file: nothing
-        that was accepted is lost to a clean-up gone wrong. Returns how many events were moved."""
+        that was accepted is lost to a clean-up gone wrong. Every process of the host notices;
+        the new file records how far the old one was copied (``moved_in``), so each event is
+        copied once per host, and a process that wrote into the old file after that copies only
+        its late events. Returns how many events this process moved."""
         self._journal.ensure_file()
         try:
             if os.stat(self.path).st_ino == self._inode:
@@ -289,11 +306,7 @@ class SqliteOutbox:
         with self._migrate_lock:
             anchor_pid, anchor = self._anchor
             old = anchor if anchor_pid == os.getpid() else self._db()
-            pending = old.execute(
-                "SELECT e.event_id, e.created, e.body, p.sink FROM pending p JOIN events e ON e.id = p.event"
-            ).fetchall()
-            dead = old.execute("SELECT * FROM dead_letters").fetchall()
-            dropped = old.execute("SELECT * FROM dropped").fetchall()
+            source = str(self._inode)  # still open through the anchors, so no new file can have it
             directory = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(directory, mode=0o700, exist_ok=True)
             if not os.path.exists(self.path):
@@ -303,12 +316,25 @@ class SqliteOutbox:
             os.chmod(self.path, 0o600)  # whoever created it (an early reconnect), it holds digits
             self._inode = os.stat(self.path).st_ino
             self._anchor = (os.getpid(), _anchor(self.path))
-            if anchor_pid == os.getpid():
-                anchor.close()
 
-            def refill(db: sqlite3.Connection) -> None:
+            def refill(db: sqlite3.Connection) -> int:
+                # Inside the new file's write transaction: the processes of the host copy one at a time.
+                db.execute("CREATE TABLE IF NOT EXISTS moved_in (source TEXT PRIMARY KEY, upto INTEGER NOT NULL)")
+                found = db.execute("SELECT upto FROM moved_in WHERE source=?", (source,)).fetchone()
+                upto = found[0] if found else 0
+                old.execute("BEGIN")  # one snapshot of the old file
+                try:
+                    pending = old.execute(
+                        "SELECT e.id, e.event_id, e.created, e.body, p.sink FROM pending p"
+                        " JOIN events e ON e.id = p.event WHERE e.id > ?",
+                        (upto,),
+                    ).fetchall()
+                    dead = old.execute("SELECT * FROM dead_letters").fetchall()
+                    dropped = old.execute("SELECT * FROM dropped").fetchall() if found is None else []
+                finally:
+                    old.execute("COMMIT")
                 self._set_sinks(db)
-                for event_id, created, body, sink in pending:
+                for _id, event_id, created, body, sink in pending:
                     db.execute(
                         "INSERT INTO events (event_id, created, body, only_sink) VALUES (?, ?, ?, ?)",
                         (event_id, created, body, sink),
@@ -318,11 +344,17 @@ class SqliteOutbox:
                     "INSERT INTO dropped VALUES (?, ?) ON CONFLICT(sink) DO UPDATE SET count=count+excluded.count",
                     dropped,
                 )
+                upto = max([upto, *(row[0] for row in pending)])
+                db.execute("INSERT OR REPLACE INTO moved_in VALUES (?, ?)", (source, upto))
+                return len(pending)
 
-            self._transaction(refill)
-        log.error("audit outbox %s was deleted or replaced at run time: %d undelivered event(s) moved into a new one",
-                  self.path, len(pending))  # fmt: skip
-        return len(pending)
+            moved = int(self._transaction(refill))
+            if anchor_pid == os.getpid():
+                anchor.close()
+        if moved:
+            log.error("audit outbox %s was deleted or replaced at run time: %d undelivered event(s) moved into"
+                      " a new one", self.path, moved)  # fmt: skip
+        return moved
 
     def import_legacy_spool(self) -> int:
         """Events an earlier version left in its spool (``<AUDIT_SPOOL_DIR>/<sink>/*.jsonl``, written
@@ -529,7 +561,7 @@ class SqliteOutbox:
         (every thread's); a later call opens new ones. A journal that could not be emptied stays
         on disk and another process takes it over."""
         drained = self._writer.drain(10.0)
-        self._journal.close(remove=drained and self._journal.in_use() == 0)
+        self._journal.close(remove=drained)  # left mapped (and on disk) while it still holds events
         self._generation += 1
         mine = [db for pid, db in self._connections if pid == os.getpid()]
         self._connections = [(pid, db) for pid, db in self._connections if pid != os.getpid()]
@@ -607,6 +639,8 @@ def _prefer_incremental_vacuum(path: str) -> None:
 _LEGACY_SEGMENT = re.compile(r"^\d{20}-\d+-\d+-n\d+\.jsonl$")
 _LINGER_S = 0.01  # how long journaled events wait to be moved into SQLite together
 _EAGER_BATCH = 64
+_DIRECT_WAIT_S = 0.05  # the most a request waits on SQLite itself (only when the journal cannot take an event)
+_WRITER_PATIENCE_S = 0.5  # the writer's spin on a locked file before it sleeps and tries again
 
 
 def _anchor(path: str) -> sqlite3.Connection:
@@ -617,17 +651,19 @@ def _anchor(path: str) -> sqlite3.Connection:
     return db
 
 
+def _locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
+
 class _GroupCommit:
-    """One writer thread per process commits the request threads' writes together.
+    """One writer thread per process moves the journaled events into SQLite together.
 
-    Each request waits until its write is durable (that is the guarantee), but a transaction per
-    request would make every worker's threads queue on SQLite's write lock (whose busy handler
-    sleeps for milliseconds) and write the same B-tree pages to the WAL again and again. Writes
-    that arrive while one transaction commits go together in the next: at low load a write commits
-    at once; under load, one transaction carries many.
+    Each event is durable in its journal slot (or spill file) before its caller is answered; a
+    transaction per event would make every worker's threads queue on SQLite's write lock and write
+    the same B-tree pages to the WAL again and again. Events that arrive while one transaction
+    commits go together in the next. Nobody waits for this thread: while the file is locked by
+    another process, slow or full, the events wait in the journal and this thread tries again.
     """
-
-    _WAIT_S = 15.0  # longer than SQLite's own busy timeout: a stuck writer surfaces as an error
 
     def __init__(self, outbox: SqliteOutbox) -> None:
         self._outbox = outbox
@@ -637,9 +673,8 @@ class _GroupCommit:
         self._busy = 0  # items queued or being written
         self._retry_s = 0.1
 
-    def write(self, item: _Write, wait: bool = True) -> None:
-        """Queue ``item``; with ``wait``, return once it is committed and raise what its write raised.
-        Without, the item's event is already durable in its journal slot, freed once committed."""
+    def write(self, item: _Write) -> None:
+        """Queue ``item`` (already durable in its journal slot, freed once committed)."""
         with self._cond:
             if self._pid != os.getpid():
                 # After fork the parent's thread does not exist here.
@@ -647,55 +682,55 @@ class _GroupCommit:
                 threading.Thread(target=self._run, name="audit-outbox-writer", daemon=True).start()
             self._queue.append(item)
             self._busy += 1
-            if wait or len(self._queue) == 1 or len(self._queue) >= _EAGER_BATCH:
-                self._cond.notify()  # async writes wake the writer once per batch, not once each
-        if not wait:
-            return
-        if not item.done.acquire(timeout=self._WAIT_S):
-            raise TimeoutError("audit outbox: the writer did not commit in time")
-        if item.error is not None:
-            raise item.error
+            if len(self._queue) == 1 or len(self._queue) >= _EAGER_BATCH:
+                self._cond.notify()  # wake the writer once per batch, not once per event
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._queue:
                     self._cond.wait()
-                if len(self._queue) < _EAGER_BATCH and all(item.slot is not None for item in self._queue):
-                    # Only journaled events, safe already: let a batch gather (a caller's synchronous
-                    # write, or a full batch, cuts this short).
-                    self._cond.wait(_LINGER_S)
+                if len(self._queue) < _EAGER_BATCH:
+                    self._cond.wait(_LINGER_S)  # let a batch gather (a full batch cuts this short)
                 batch, self._queue = self._queue[:512], self._queue[512:]
-            try:
-                with self._outbox._migrate_lock:
-                    self._outbox._write_batch(batch)
-            except Exception:  # noqa: BLE001 - find out which write failed: each alone
-                for item in batch:
-                    try:
-                        self._outbox._write_batch([item])
-                    except Exception as exc:  # noqa: BLE001
-                        item.error = exc
-            retry = []
+            failed = self._write(batch)
             for item in batch:
-                if item.slot is None:
-                    item.done.release()  # a waiting caller learns the outcome
-                elif item.error is None:
+                if item.error is None and item.slot is not None:
                     self._outbox._journal.release(item.slot)
-                else:
-                    retry.append(item)  # safe in its journal slot: try again later
             with self._cond:
-                self._busy -= len(batch) - len(retry)
-            if retry:
+                self._busy -= len(batch) - len(failed)
+            if failed:
                 log.error("audit outbox: %d event(s) wait in the journal, SQLite refused them (%s)",
-                          len(retry), type(retry[0].error).__name__)  # fmt: skip
+                          len(failed), type(failed[0].error).__name__)  # fmt: skip
                 time.sleep(self._retry_s)
-                self._retry_s = min(self._retry_s * 2, 5.0)
-                for item in retry:
+                self._retry_s = min(self._retry_s * 2, 1.0)
+                for item in failed:
                     item.error = None
                 with self._cond:
-                    self._queue[:0] = retry
+                    self._queue[:0] = failed
             else:
                 self._retry_s = 0.1
+
+    def _write(self, batch: list[_Write]) -> list[_Write]:
+        """Commit ``batch``; the items that could not be written (each with its error)."""
+        try:
+            with self._outbox._migrate_lock:
+                self._outbox._write_batch(batch, patience_s=_WRITER_PATIENCE_S)
+            return []
+        except Exception as exc:  # noqa: BLE001 - every failure leaves the events in the journal
+            if _locked(exc):
+                for item in batch:
+                    item.error = exc  # another process holds the file: the whole batch waits
+                return batch
+        failed = []
+        for item in batch:  # find out which write failed: each alone
+            try:
+                with self._outbox._migrate_lock:
+                    self._outbox._write_batch([item], patience_s=_WRITER_PATIENCE_S)
+            except Exception as exc:  # noqa: BLE001
+                item.error = exc
+                failed.append(item)
+        return failed
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or being written in this process."""
@@ -709,12 +744,10 @@ class _GroupCommit:
 
 
 class _Write:
-    """One request's write: a placeholder ("intent") or a final event, and its completion."""
+    """One request's write: a placeholder ("intent") or a final event, and its journal ticket."""
 
-    __slots__ = ("kind", "row", "slot", "done", "error")
+    __slots__ = ("kind", "row", "slot", "error")
 
-    def __init__(self, kind: str, row: tuple[Any, ...], slot: int | None = None) -> None:
+    def __init__(self, kind: str, row: tuple[Any, ...], slot: Ticket | None = None) -> None:
         self.kind, self.row, self.slot = kind, row, slot
-        self.done = threading.Lock()
-        self.done.acquire()  # released by the writer once the transaction is committed
         self.error: BaseException | None = None

@@ -57,3 +57,74 @@ def test_a_dead_processs_journal_is_taken_over_a_live_ones_never(tmp_path):
         assert not list(tmp_path.glob("journal-*.bin"))  # taken over once, then gone
     finally:
         holder.kill()
+
+
+def test_a_journal_closed_while_a_request_still_runs_takes_its_final_event(tmp_path):
+    """CONTRACT.md section 7 rev 3: the journal stays usable until the last request has written."""
+    journal = Journal(str(tmp_path))
+    slot = journal.acquire()
+    journal.write(slot, INTENT, b'{"event_id":"e-1","outcome":"submission_unknown"}')
+    journal.close(remove=True)  # worker_exit, with a request thread still waiting on CXone
+    journal.write(slot, FINAL, b'{"event_id":"e-1","outcome":"dtmf_submitted"}')
+    assert list(read_slots(open(journal.path, "rb").read())) == [
+        (FINAL, b'{"event_id":"e-1","outcome":"dtmf_submitted"}')
+    ]
+    later = journal.acquire()  # a request that starts after close() gets a journal too
+    journal.write(later, FINAL, b'{"event_id":"e-2","outcome":"dtmf_submitted"}')
+
+
+def test_an_outbox_closed_under_a_running_request_still_commits_its_event(tmp_path):
+    from dtmf_service.audit.outbox_sqlite import SqliteOutbox
+
+    box = SqliteOutbox(str(tmp_path / "outbox.db"), ("s",), 1 << 30)
+    event = {"event_id": "e-1", "outcome": "submission_unknown"}
+    ticket = box.intend(event, lease_s=60)
+    box.close()
+    box.commit({**event, "outcome": "dtmf_submitted"}, ticket)
+    assert box.flush(5)
+    assert [c.event["outcome"] for c in box.claim("s", "c", 10, 30)] == ["dtmf_submitted"]
+
+
+PAUSED_OWNER = """
+import fcntl, sys, time
+sys.path.insert(0, sys.argv[2])
+real_flock = fcntl.flock
+paused = []
+
+def flock_after_a_pause(fd, operation):
+    # The window between creating the journal file and locking it, widened: wait for the test.
+    if not paused:
+        paused.append(fd)
+        print("created", flush=True)
+        sys.stdin.readline()
+    return real_flock(fd, operation)
+
+fcntl.flock = flock_after_a_pause
+from dtmf_service.audit.journal import Journal, FINAL
+journal = Journal(sys.argv[1])
+slot = journal.acquire()
+journal.write(slot, FINAL, b'{"event_id":"e-1","outcome":"dtmf_submitted"}')
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_no_recovery_sees_a_journal_before_its_owner_holds_the_lock(tmp_path):
+    owner = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_OWNER, str(tmp_path), str(ROOT)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert owner.stdout.readline().strip() == b"created"  # the file exists, not yet locked
+        moved = []
+        assert recover_orphans(str(tmp_path), moved.extend) == 0  # another worker's maintenance round
+        owner.stdin.write(b"go\n")
+        owner.stdin.flush()
+        assert owner.stdout.readline().strip() == b"written"
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+        wait_until(lambda: recover_orphans(str(tmp_path), moved.extend), timeout=5)
+        assert [json.loads(payload)["outcome"] for _state, payload in moved] == ["dtmf_submitted"]
+    finally:
+        owner.kill()
