@@ -306,3 +306,37 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+_HOLD_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+db.execute("BEGIN IMMEDIATE")  # the write lock, as an operator's sqlite3 session or a backup takes it
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+"""
+
+
+class SqliteLockHolder:
+    """Another process holding a SQLite file's write lock (``BEGIN IMMEDIATE``) until ``release()``."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def hold(self) -> SqliteLockHolder:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_LOCK, self.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != b"locked":
+            raise RuntimeError("the lock holder could not take the lock")
+        return self
+
+    def release(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b"done\n")
+            self.proc.stdin.flush()
+            self.proc.wait(10)

@@ -47,6 +47,11 @@ _HEAD = struct.Struct("<HBxIII")  # magic, state, sequence, length, crc32
 _MAGIC = 0xD7F1
 _SPILL_ROLL = 8 << 20  # a spill file takes new events up to this size, then the next one does
 _PATTERNS = ("journal-*.bin", "spill-*.log")
+# The last page of a journal file: how many final events of its process wait for the outbox (slots
+# and spill files), so that the backlog figures count them as pending (``waiting_in``).
+_COUNT = struct.Struct("<8sQ")
+_COUNT_MAGIC = b"dtmfwait"
+_COUNT_PAGE = 4096
 _ABANDONED_S = 60.0
 
 
@@ -67,10 +72,11 @@ class _Spill:
 class SpillTicket:
     """An event's place in a spill file (what ``acquire`` gives when no slot is free)."""
 
-    __slots__ = ("spill",)
+    __slots__ = ("spill", "final")
 
     def __init__(self, spill: _Spill) -> None:
         self.spill = spill
+        self.final = False
 
 
 Ticket = int | SpillTicket
@@ -121,17 +127,20 @@ class Journal:
         self._sequence = 0
         self._spills: list[_Spill] = []  # the last one takes new events
         self._gave_up = False  # the journal could not be made in this process
+        self._finals = bytearray(slots)  # which slots hold a final event (it waits for the outbox)
+        self._waiting = 0
         self.path = ""
 
     def _open(self) -> None:
         # A forked child gets a journal of its own (the parent's lock and map are not its to use).
         name = f"journal-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
+        size = self.slots * _SLOT + _COUNT_PAGE
         try:
-            fd = create_locked(self.directory, name, self.slots * _SLOT)
+            fd = create_locked(self.directory, name, size)
         except OSError as exc:
             raise JournalFull(f"cannot make a journal ({exc.strerror})") from None
         try:
-            self._map = mmap.mmap(fd, self.slots * _SLOT)
+            self._map = mmap.mmap(fd, size)
         except OSError as exc:
             os.close(fd)
             _unlink(os.path.join(self.directory, name))
@@ -140,7 +149,16 @@ class Journal:
         self._fd = fd
         self._free = list(range(self.slots - 1, -1, -1))
         self._halves = bytearray(self.slots)
+        self._finals = bytearray(self.slots)
         self._spills = []
+        self._waiting = 0
+        self._count(0)
+
+    def _count(self, delta: int) -> None:
+        """Final events waiting for the outbox, kept in the file's last page (under the lock)."""
+        self._waiting += delta
+        if self._map is not None:
+            self._map[self.slots * _SLOT : self.slots * _SLOT + _COUNT.size] = _COUNT.pack(_COUNT_MAGIC, self._waiting)
 
     def in_use(self) -> int:
         """Events of this process in the journal that the outbox does not have yet (placeholders too)."""
@@ -196,6 +214,10 @@ class Journal:
         returns it survives the process."""
         if isinstance(slot, SpillTicket):
             self._append(slot.spill, state, payload)
+            if state == FINAL and not slot.final:
+                slot.final = True
+                with self._lock:
+                    self._count(1)
             return
         if len(payload) > _HALF - _HEAD.size:
             raise JournalFull("the event does not fit a journal slot")
@@ -210,6 +232,9 @@ class Journal:
             self._map[base + _HEAD.size : base + _HEAD.size + len(payload)] = payload
             # The header last: a copy cut short leaves a half whose CRC fails, and the other half stands.
             self._map[base : base + _HEAD.size] = _HEAD.pack(_MAGIC, state, sequence, len(payload), crc)
+            if state == FINAL and not self._finals[slot]:
+                self._finals[slot] = 1
+                self._count(1)
 
     def _append(self, spill: _Spill, state: int, payload: bytes) -> None:
         with self._lock:
@@ -226,17 +251,24 @@ class Journal:
     def release(self, slot: Ticket) -> None:
         """The slot's event is in the outbox: clear both halves and make the slot free again."""
         if isinstance(slot, SpillTicket):
-            self._release_spill(slot.spill)
+            self._release_spill(slot)
             return
         base = slot * _SLOT
         with self._lock:
             assert self._map is not None  # noqa: S101 - close() never unmaps while a slot is taken
             self._map[base : base + _HEAD.size] = b"\0" * _HEAD.size
             self._map[base + _HALF : base + _HALF + _HEAD.size] = b"\0" * _HEAD.size
+            if self._finals[slot]:
+                self._finals[slot] = 0
+                self._count(-1)
             self._free.append(slot)
 
-    def _release_spill(self, spill: _Spill) -> None:
+    def _release_spill(self, ticket: SpillTicket) -> None:
+        spill = ticket.spill
         with self._lock:
+            if ticket.final:
+                ticket.final = False
+                self._count(-1)
             spill.waiting -= 1
             if spill.waiting:
                 return
@@ -312,6 +344,25 @@ def read_slots(data: bytes | mmap.mmap) -> Iterator[tuple[int, bytes]]:
                 best = (sequence, state, payload)
         if best is not None:
             yield best[1], best[2]
+
+
+def waiting_in(directory: str) -> int:
+    """Final events that the journals of ``directory`` hold and the outbox does not have yet (live
+    processes' and dead ones' not yet taken over): one small read per process, whatever the backlog."""
+    waiting = 0
+    for path in glob.glob(os.path.join(directory, "journal-*.bin")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if size % _SLOT == _COUNT_PAGE:
+                magic, count = _COUNT.unpack(os.pread(fd, _COUNT.size, size - _COUNT_PAGE).ljust(_COUNT.size, b"\0"))
+                waiting += count if magic == _COUNT_MAGIC else 0
+        finally:
+            os.close(fd)
+    return waiting
 
 
 def read_spill(data: bytes | mmap.mmap) -> list[tuple[int, bytes]]:

@@ -9,8 +9,9 @@ or of the fleet (Redis Streams). The request path writes; the delivery side
   ``commit(event, ticket)`` puts the final event in the same slot, and a writer thread moves it
   into SQLite in the background. ``recover()`` takes over the journals of dead processes:
   placeholders become events, so a request that may have reached CXone is always audited.
-  Without journal room both go through SQLite and wait for the commit (placeholders then carry a
-  lease and lapse into events when it runs out).
+  When every slot is taken the journal spills into local files, so a locked, slow or full store
+  never holds a caller back; without any journal (it could not be made) both go through SQLite,
+  waiting 50 ms at most (placeholders then carry a lease and lapse into events when it runs out).
 - ``claim(sink, n)`` leases up to ``n`` events of one sink to this process; an event claimed by a
   process that died is claimed again once the lease lapses. ``ack`` removes them for that sink,
   ``retry`` puts them back after a delay, ``dead_letter`` sets a permanently refused one aside.

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from dtmf_service.audit.event import AuditEvent
-from dtmf_service.audit.journal import FINAL, INTENT, Journal, JournalFull, Ticket, recover_orphans
+from dtmf_service.audit.journal import FINAL, INTENT, Journal, JournalFull, Ticket, recover_orphans, waiting_in
 from dtmf_service.audit.outbox import Claimed, SinkBacklog
 from dtmf_service.processes import pid_alive
 from dtmf_service.sqlite_wal import BUSY_PATIENCE_S, initialise, retry_busy
@@ -520,6 +520,11 @@ class SqliteOutbox:
             pending[sink] = (count, created[0] if created else None)
         dead = dict(db.execute("SELECT sink, count(*) FROM dead_letters GROUP BY sink").fetchall())
         dropped = dict(db.execute("SELECT sink, count FROM dropped").fetchall())
+        # Events in the host's journals (the outbox locked, slow or full) are pending too.
+        waiting = waiting_in(self._journal.directory)
+        for sink in self.sinks if waiting else ():
+            count, created = pending.get(sink, (0, None))
+            pending[sink] = (count + waiting, created)
         result = {}
         for sink in sorted(set(self.sinks) | set(pending) | set(dead) | set(dropped)):
             count, created = pending.get(sink, (0, None))

@@ -38,9 +38,7 @@ def _callers(url, count):
 
     def call(rid):
         try:
-            response = requests.post(
-                f"{url}/api/dtmf/parse", json=VALID, headers={"X-Request-ID": rid}, timeout=30
-            )
+            response = requests.post(f"{url}/api/dtmf/parse", json=VALID, headers={"X-Request-ID": rid}, timeout=30)
             seen[rid] = response.json().get("status")
         except (requests.RequestException, ValueError):
             seen[rid] = None

@@ -128,3 +128,86 @@ def test_no_recovery_sees_a_journal_before_its_owner_holds_the_lock(tmp_path):
         assert [json.loads(payload)["outcome"] for _state, payload in moved] == ["dtmf_submitted"]
     finally:
         owner.kill()
+
+
+SPILLER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from dtmf_service.audit.journal import Journal, INTENT, FINAL
+journal = Journal(sys.argv[1], slots=1)
+held = journal.acquire()  # the one slot
+journal.write(held, INTENT, b'{"event_id":"e-0","outcome":"submission_unknown"}')
+answered, running = journal.acquire(), journal.acquire()  # no slot left: both spill
+journal.write(answered, INTENT, b'{"event_id":"e-1","outcome":"submission_unknown"}')
+journal.write(running, INTENT, b'{"event_id":"e-2","outcome":"submission_unknown"}')
+journal.write(answered, FINAL, b'{"event_id":"e-1","outcome":"dtmf_submitted"}')
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_events_spill_when_every_slot_is_taken_and_survive_the_process(tmp_path):
+    spiller = subprocess.Popen([sys.executable, "-c", SPILLER, str(tmp_path), str(ROOT)], stdout=subprocess.PIPE)
+    try:
+        assert spiller.stdout.readline().strip() == b"written"
+        assert len(list(tmp_path.glob("spill-*.log"))) == 1
+        from dtmf_service.audit.journal import waiting_in
+
+        assert waiting_in(str(tmp_path)) == 1  # the final event: pending for the backlog figures
+        os.kill(spiller.pid, signal.SIGKILL)
+        spiller.wait(10)
+        moved = []
+        wait_until(lambda: recover_orphans(str(tmp_path), moved.extend), timeout=5)
+        outcomes = {
+            json.loads(payload)["event_id"]: (state, json.loads(payload)["outcome"]) for state, payload in moved
+        }
+        assert outcomes == {
+            "e-0": (INTENT, "submission_unknown"),
+            "e-1": (FINAL, "dtmf_submitted"),  # the final record replaces its placeholder
+            "e-2": (INTENT, "submission_unknown"),
+        }
+        assert not list(tmp_path.iterdir())
+    finally:
+        spiller.kill()
+
+
+def test_a_spill_file_goes_once_none_of_its_events_waits(tmp_path):
+    journal = Journal(str(tmp_path), slots=1)
+    journal.acquire()
+    spilled = journal.acquire()
+    journal.write(spilled, FINAL, b'{"event_id":"e-1","outcome":"dtmf_submitted"}')
+    (spill,) = tmp_path.glob("spill-*.log")
+    assert spill.stat().st_size > 0 and journal.spilled() == 1
+    journal.release(spilled)  # moved into the outbox
+    assert spill.stat().st_size == 0 and journal.spilled() == 0  # its space given back
+
+
+def test_abandoned_temporary_files_are_removed_fresh_ones_left_alone(tmp_path):
+    from dtmf_service.audit.journal import _remove_abandoned
+
+    (tmp_path / ".journal-1-abc.bin.tmp").write_bytes(b"")
+    _remove_abandoned(str(tmp_path))
+    assert (tmp_path / ".journal-1-abc.bin.tmp").exists()  # its owner may be about to lock it
+    _remove_abandoned(str(tmp_path), now=__import__("time").time() + 3600)
+    assert not (tmp_path / ".journal-1-abc.bin.tmp").exists()
+
+
+def test_without_a_journal_a_locked_outbox_costs_a_caller_a_moment_not_seconds(tmp_path):
+    import time
+
+    import pytest
+
+    from dtmf_service.audit.outbox_sqlite import SqliteOutbox
+    from tests.helpers import SqliteLockHolder
+
+    box = SqliteOutbox(str(tmp_path / "outbox.db"), ("s",), 1 << 30)
+    box._journal = Journal(box._journal.directory, slots=0)  # the journal could not be made
+    holder = SqliteLockHolder(tmp_path / "outbox.db").hold()
+    try:
+        started = time.monotonic()
+        with pytest.raises(Exception):  # noqa: B017, PT011 - lost, and the caller counts it so
+            box.commit({"event_id": "e-1", "outcome": "dtmf_submitted"})
+        assert time.monotonic() - started < 1.0
+    finally:
+        holder.release()
+    box.close()
