@@ -24,6 +24,10 @@ once none of its events is still waiting for the outbox. The spill is bounded by
 The journal stays usable until the process's last request has written (section 7 rev 3, every
 way a worker stops): ``close()`` leaves a journal that still holds events mapped, and a write
 after ``close()`` opens a new one.
+
+Longer than the project's usual module: the slots, the spill files and their recovery share one
+lock, one record format and one way of creating a file locked; apart, each would need the others'
+internals.
 """
 
 from __future__ import annotations

@@ -130,8 +130,13 @@ class SqliteOutbox:
         self._journal = Journal(os.path.join(directory, "journals"), spill_max_bytes=max_bytes)
         self._writer = _GroupCommit(self)
         if self.sinks:
-            # The sinks every new event fans out to: those of the process that started last.
-            self._transaction(lambda db: self._set_sinks(db))
+            # The sinks every new event fans out to: those of the process that started last. A worker
+            # starting while another process holds the file (an operator's sqlite3 session, a backup)
+            # must still boot: the list stays as the previous process left it.
+            try:
+                self._transaction(lambda db: self._set_sinks(db), patience_s=0.5)
+            except sqlite3.OperationalError as exc:
+                log.warning("audit outbox %s: sink list not updated (%s)", path, exc)
 
     # -- connections ---------------------------------------------------------------------------
     def _initialise(self) -> None:
@@ -169,9 +174,9 @@ class SqliteOutbox:
         db = self._db()
         return retry_busy(lambda: db.execute(sql, params), patience_s)
 
-    def _transaction(self, work: Any) -> Any:
+    def _transaction(self, work: Any, patience_s: float = BUSY_PATIENCE_S) -> Any:
         db = self._db()
-        retry_busy(lambda: db.execute("BEGIN IMMEDIATE"))
+        retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), patience_s)
         try:
             result = work(db)
             db.execute("COMMIT")
