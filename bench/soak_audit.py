@@ -1,15 +1,21 @@
-"""Audit soak: SIGKILL a random worker every 1.5 s for a minute under load while the webhook flaps.
+"""Audit soak: SIGKILL a random worker every 1.5 s for two minutes under load while the webhook
+flaps, another process holds the outbox's write lock for a minute, and operator commands run.
 
-    python -m bench.soak_audit                  # 60 s of faults, about 1.5 minutes in all
-    python -m bench.soak_audit --seconds 20
+    python -m bench.soak_audit                  # 120 s of faults, about 2.5 minutes in all
+    python -m bench.soak_audit --seconds 30 --lock-seconds 10
 
 What issues 3 and 10 ask to hold in production, run for their real duration (the test suite runs the
 same mechanisms for seconds): 4 workers, AUDIT_SINKS=file,webhook,syslog (webhook batches of 50) and
 METRICS_EXPORTERS=memory,statsd, steady load from a few callers, a random worker SIGKILLed every
 --kill-every seconds (what the OOM killer does), the webhook receiver answering 500 or closed for
-stretches of a few seconds, and one graceful restart (SIGTERM, start again) halfway. Each request
-carries its own X-Request-ID, which its audit event records; afterwards every answered request's
-event must be in the file and at the webhook, at least once (duplicates are allowed, and counted).
+stretches of a few seconds, and one graceful restart (SIGTERM, start again) halfway. Issue 17 adds:
+a process holding the SQLite outbox's write lock (``BEGIN IMMEDIATE``, as an operator's ``sqlite3``
+session or a backup does) for --lock-seconds from a quarter of the way in (so the restart falls
+inside it), and ``dtmf-gateway audit status`` run as a subprocess every --cli-every seconds. Each
+request carries its own X-Request-ID, which its audit event records; afterwards every answered
+request's event must be in the file and at the webhook, at least once (duplicates are allowed, and
+counted). Each answer's time is measured: the report gives the worst under each fault (the
+upstream is instant, so that time is the gateway's own, audit work included).
 Sandbox mode (the in-process simulator), loopback only; the load is bounded in count and time.
 Exit status 0 when no answered request's event is missing, 1 otherwise.
 """
@@ -22,6 +28,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -31,7 +38,7 @@ from pathlib import Path
 
 import requests
 
-from tests.helpers import Gunicorn, UdpReceiver, WebhookReceiver, free_port, read_jsonl
+from tests.helpers import BIN, ROOT, Gunicorn, SqliteLockHolder, UdpReceiver, WebhookReceiver, free_port, read_jsonl
 
 VALID = {"interaction_id": "soak-1", "digits": "12#", "timeout_ms": 5000, "sequence_matrix_key": "menu.main"}
 MAX_REQUESTS = 100_000  # a bound on the load whatever the durations
@@ -43,6 +50,7 @@ class Load:
     def __init__(self, url: str, callers: int, pause_s: float) -> None:
         self.url = url
         self.answered: dict[str, int] = {}
+        self.timings: list[tuple[float, float]] = []  # (start, seconds to the answer), monotonic
         self.no_answer = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -63,12 +71,14 @@ class Load:
         session = requests.Session()
         while not self._stop.is_set() and len(self.answered) + self.no_answer < MAX_REQUESTS:
             rid = uuid.uuid4().hex
+            started = time.monotonic()
             try:
                 response = session.post(
                     f"{self.url}/api/dtmf/parse", json=VALID, headers={"X-Request-ID": rid}, timeout=30
                 )
                 with self._lock:
                     self.answered[rid] = response.status_code
+                    self.timings.append((started, time.monotonic() - started))
             except requests.RequestException:
                 # A worker killed mid-request, or nobody listening during the restart: no answer, no promise.
                 with self._lock:
@@ -80,7 +90,9 @@ class Load:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=60.0, help="how long the faults last")
+    parser.add_argument("--seconds", type=float, default=120.0, help="how long the faults last")
+    parser.add_argument("--lock-seconds", type=float, default=60.0, help="how long the outbox lock is held")
+    parser.add_argument("--cli-every", type=float, default=10.0, help="seconds between `audit status` runs")
     parser.add_argument("--kill-every", type=float, default=1.5, help="seconds between worker SIGKILLs")
     parser.add_argument("--callers", type=int, default=8, help="concurrent callers")
     parser.add_argument("--pause", type=float, default=0.02, help="seconds each caller waits between requests")
@@ -114,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     kills = flaps = 0
     restarted = False
+    holder = SqliteLockHolder(workdir / "spool" / "outbox.db")
+    lock_at = args.seconds / 4
+    windows: dict[str, list[tuple[float, float]]] = {
+        "lock held": [],
+        "audit status running": [],
+        "5 s after the restart": [],
+        "1 s after a SIGKILL": [],
+    }
+    cli_runs: list[tuple[int, float]] = []
+    next_cli = time.monotonic() + args.cli_every / 2
 
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {text}", flush=True)
@@ -129,7 +151,25 @@ def main(argv: list[str] | None = None) -> int:
                 if pids:
                     os.kill(random.choice(pids), signal.SIGKILL)
                     kills += 1
+                    windows["1 s after a SIGKILL"].append((now, now + 1.0))
                 next_kill = now + args.kill_every
+            if holder.proc is None and now - started >= lock_at:
+                say(f"another process takes the outbox's write lock (BEGIN IMMEDIATE) for {args.lock_seconds:.0f} s")
+                holder.hold()
+                lock_window = [time.monotonic(), 0.0]
+            elif holder.proc is not None and holder.proc.poll() is None and now - lock_window[0] >= args.lock_seconds:
+                holder.release()
+                windows["lock held"].append((lock_window[0], time.monotonic()))
+                say("lock released")
+            if now >= next_cli:
+                run_started = time.monotonic()
+                status = subprocess.run([str(BIN / "dtmf-gateway"), "audit", "status"], cwd=ROOT,
+                                        env={**os.environ, **env}, capture_output=True, timeout=60)  # fmt: skip
+                windows["audit status running"].append((run_started, time.monotonic()))
+                cli_runs.append((status.returncode, time.monotonic() - run_started))
+                if status.returncode:
+                    say(f"audit status exited {status.returncode}: {status.stderr.decode()[-300:]}")
+                next_cli = time.monotonic() + args.cli_every
             if now >= next_flap:
                 flaps += 1
                 mode = flaps % 3
@@ -146,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop(signal.SIGTERM)
                 server = Gunicorn(env, workers=4, port=port, log_path=log).start()
                 restarted = True
+                windows["5 s after the restart"].append((time.monotonic(), time.monotonic() + 5.0))
             time.sleep(0.05)
+        if holder.proc is not None and holder.proc.poll() is None:
+            holder.release()
+            windows["lock held"].append((lock_window[0], time.monotonic()))
         webhook.stop()
         webhook.start()
         webhook.status = 200
@@ -162,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
         say("audit caught up" if time.monotonic() < deadline else "audit NOT caught up within 180 s")
     finally:
+        holder.release()
         load.stop()
         server.stop()
         webhook.stop()
@@ -188,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         "webhook_missing": len(missing_hook),
         "recovered_as_submission_unknown": recovered,
         "syslog_datagrams": len(syslog.datagrams),
+        "audit_status_runs": len(cli_runs),
+        "audit_status_failures": sum(1 for code, _ in cli_runs if code),
+        "audit_status_slowest_s": round(max((s for _, s in cli_runs), default=0.0), 3),
+        "worst_answer_s": _worst_answers(load.timings, windows),
         "gunicorn_log": str(log),
     }
     print(json.dumps(figures, indent=2))
@@ -196,6 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     if ok:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1
+
+
+def _worst_answers(timings: list[tuple[float, float]], windows: dict[str, list[tuple[float, float]]]) -> dict:
+    """The slowest answer to a request started inside each fault's windows, and outside all of them."""
+    worst: dict[str, float] = {}
+    for name, spans in windows.items():
+        inside = [took for start, took in timings if any(a <= start <= b for a, b in spans)]
+        worst[name] = round(max(inside), 3) if inside else None
+    quiet = [
+        took for start, took in timings if not any(a <= start <= b for spans in windows.values() for a, b in spans)
+    ]
+    worst["no fault but SIGKILLs and webhook flaps"] = round(max(quiet), 3) if quiet else None
+    worst["all"] = round(max((took for _, took in timings), default=0.0), 3)
+    return worst
 
 
 if __name__ == "__main__":

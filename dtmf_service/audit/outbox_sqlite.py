@@ -570,7 +570,9 @@ class SqliteOutbox:
         """Move what the journal still holds into SQLite, then close this process's connections
         (every thread's); a later call opens new ones. A journal that could not be emptied stays
         on disk and another process takes it over."""
-        drained = self._writer.drain(10.0)
+        # Not for long while SQLite refuses them (locked by another process): they are safe in the
+        # journal, which the next process takes over.
+        drained = self._writer.drain(10.0, unless_refused=True)
         self._journal.close(remove=drained)  # left mapped (and on disk) while it still holds events
         self._generation += 1
         mine = [db for pid, db in self._connections if pid == os.getpid()]
@@ -681,6 +683,7 @@ class _GroupCommit:
         self._queue: list[_Write] = []
         self._pid: int | None = None
         self._busy = 0  # items queued or being written
+        self._refused = False  # the last batch could not be written
         self._retry_s = 0.1
 
     def write(self, item: _Write) -> None:
@@ -709,6 +712,7 @@ class _GroupCommit:
                     self._outbox._journal.release(item.slot)
             with self._cond:
                 self._busy -= len(batch) - len(failed)
+                self._refused = bool(failed)
             if failed:
                 log.error("audit outbox: %d event(s) wait in the journal, SQLite refused them (%s)",
                           len(failed), type(failed[0].error).__name__)  # fmt: skip
@@ -742,13 +746,16 @@ class _GroupCommit:
                 failed.append(item)
         return failed
 
-    def drain(self, timeout_s: float) -> bool:
-        """Wait until nothing is queued or being written in this process."""
+    def drain(self, timeout_s: float, unless_refused: bool = False) -> bool:
+        """Wait until nothing is queued or being written in this process; with ``unless_refused``,
+        give up as soon as SQLite refuses a batch."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._cond:
                 if self._busy <= 0 or self._pid != os.getpid():
                     return True
+                if unless_refused and self._refused:
+                    return False
             time.sleep(0.01)
         return False
 
