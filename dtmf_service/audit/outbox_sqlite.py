@@ -239,15 +239,15 @@ class SqliteOutbox:
         events (the triggers fan each event out to its sinks and drop its placeholder)."""
         intents = [item.row for item in batch if item.kind == "intent"]
         events = [item.row for item in batch if item.kind == "event"]
-        for start in range(0, len(intents), 200):
-            chunk = intents[start : start + 200]
+        for start in range(0, len(intents), _ROWS_PER_STATEMENT):
+            chunk = intents[start : start + _ROWS_PER_STATEMENT]
             self._execute(
                 "INSERT OR REPLACE INTO intents VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk)),  # noqa: S608 - markers only
                 [value for row in chunk for value in row],
                 patience_s,
             )
-        for start in range(0, len(events), 200):
-            chunk = events[start : start + 200]
+        for start in range(0, len(events), _ROWS_PER_STATEMENT):
+            chunk = events[start : start + _ROWS_PER_STATEMENT]
             self._execute(
                 "INSERT INTO events (event_id, created, body) VALUES "  # noqa: S608 - "?" markers only
                 + ",".join(["(?, ?, ?)"] * len(chunk)),
@@ -651,6 +651,9 @@ def _prefer_incremental_vacuum(path: str) -> None:
 _LEGACY_SEGMENT = re.compile(r"^\d{20}-\d+-\d+-n\d+\.jsonl$")
 _LINGER_S = 0.01  # how long journaled events wait to be moved into SQLite together
 _EAGER_BATCH = 64
+# Rows per INSERT: large enough to carry a batch in a few statements, small enough that a statement
+# (and a tracing tool's copy of it with every value expanded) stays small after a backlog.
+_ROWS_PER_STATEMENT = 25
 _DIRECT_WAIT_S = 0.05  # the most a request waits on SQLite itself (only when the journal cannot take an event)
 _WRITER_PATIENCE_S = 0.5  # the writer's spin on a locked file before it sleeps and tries again
 
