@@ -38,8 +38,10 @@ def retry_busy(attempt: Callable[[], T], patience_s: float = BUSY_PATIENCE_S) ->
     ``patience_s`` at most.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ms and more, while the lock is usually
-    free again after a fraction of a millisecond; in WAL mode only starting a write can be refused."""
-    deadline = 0.0
+    free again after a fraction of a millisecond; in WAL mode only starting a write can be refused.
+    A lock held longer than 50 ms is another process's (a backup, an operator's ``sqlite3``): then
+    every 5 ms, so that threads waiting it out do not take the CPU from the requests."""
+    started = deadline = 0.0
     while True:
         try:
             return attempt()
@@ -47,7 +49,8 @@ def retry_busy(attempt: Callable[[], T], patience_s: float = BUSY_PATIENCE_S) ->
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise
             now = time.monotonic()
-            deadline = deadline or now + patience_s
+            if not deadline:
+                started, deadline = now, now + patience_s
             if now > deadline:
                 raise
-            time.sleep(0.0005)
+            time.sleep(0.0005 if now - started < 0.05 else 0.005)

@@ -272,7 +272,8 @@ class SqliteOutbox:
                     event["recovered"] = True
                 self._insert(db, event["event_id"], _dumps(event))
 
-        self._transaction(move)
+        # Briefly: while another process holds the file the journal stays where it is, for the next round.
+        self._transaction(move, patience_s=_WRITER_PATIENCE_S)
 
     def recover(self) -> int:
         """Events left by dead processes: their journals, and placeholders that went through SQLite.
@@ -408,6 +409,7 @@ class SqliteOutbox:
             "UPDATE pending SET lease_until=?, attempts=attempts+1, token=? WHERE sink=? AND event IN"
             " (SELECT event FROM pending WHERE sink=? AND next_try<=? AND lease_until<=? ORDER BY event LIMIT ?)",
             (now + lease_s, token, sink, sink, now, now, limit),
+            _WRITER_PATIENCE_S,  # another process holding the file: try again next round, stop promptly
         )
         rows = (
             self._db()
