@@ -389,10 +389,14 @@ def read_spill(data: bytes | mmap.mmap) -> list[tuple[int, bytes]]:
     return list(newest.values())
 
 
-def recover_orphans(directory: str, move: Callable[[list[tuple[int, bytes]]], None]) -> int:
+def recover_orphans(
+    directory: str, move: Callable[[list[tuple[int, bytes]]], None], ready: Callable[[], bool] | None = None
+) -> int:
     """Hand the events of every journal (and spill file) whose process is gone to ``move``, then
-    delete the file."""
+    delete the file. ``ready`` is asked once, before the first orphan is read: False (the store
+    cannot take them now) leaves every orphan for a later round, unread."""
     recovered = 0
+    asked = False
     paths = [path for pattern in _PATTERNS for path in glob.glob(os.path.join(directory, pattern))]
     for path in paths:
         try:
@@ -409,6 +413,10 @@ def recover_orphans(directory: str, move: Callable[[list[tuple[int, bytes]]], No
                     continue  # taken over and removed by another process meanwhile
             except FileNotFoundError:
                 continue
+            if ready is not None and not asked:
+                asked = True
+                if not ready():
+                    return recovered
             size = os.fstat(fd).st_size
             entries: list[tuple[int, bytes]] = []
             if size:

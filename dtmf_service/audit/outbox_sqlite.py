@@ -275,10 +275,23 @@ class SqliteOutbox:
         # Briefly: while another process holds the file the journal stays where it is, for the next round.
         self._transaction(move, patience_s=_WRITER_PATIENCE_S)
 
+    def _writable(self) -> bool:
+        """Whether this process can take the write lock now (briefly): while another process holds
+        the file, dead processes' journals are left unread for a later round."""
+        db = self._db()
+        try:
+            retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), _WRITER_PATIENCE_S)
+        except sqlite3.OperationalError as exc:
+            if _locked(exc):
+                return False
+            raise
+        db.execute("ROLLBACK")
+        return True
+
     def recover(self) -> int:
         """Events left by dead processes: their journals, and placeholders that went through SQLite.
         Placeholders become events with outcome ``submission_unknown``."""
-        recovered = recover_orphans(self._journal.directory, self._move_orphans)
+        recovered = recover_orphans(self._journal.directory, self._move_orphans, self._writable)
         now = time.time()
         rows = self._db().execute("SELECT event_id, pid, lease_until FROM intents").fetchall()
         orphans = [event_id for event_id, pid, lease in rows if lease <= now or not pid_alive(pid)]
