@@ -118,10 +118,10 @@ class Journal:
     """This process's slots (one per request in flight plus the final events not yet moved), and
     its spill files when the slots run out."""
 
-    def __init__(self, directory: str, slots: int = 128, spill_max_bytes: int = 512 << 20) -> None:
+    def __init__(self, directory: str, slots: int = 128, spill_max_bytes: int = 0) -> None:
         self.directory = directory
         self.slots = slots  # 0: no journal at all (every write goes through the outbox)
-        self.spill_max_bytes = spill_max_bytes
+        self.spill_max_bytes = spill_max_bytes  # 0: no spill files (JournalFull once every slot is taken)
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._map: mmap.mmap | None = None

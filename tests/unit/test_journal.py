@@ -134,7 +134,7 @@ SPILLER = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
 from dtmf_service.audit.journal import Journal, INTENT, FINAL
-journal = Journal(sys.argv[1], slots=1)
+journal = Journal(sys.argv[1], slots=1, spill_max_bytes=1 << 20)
 held = journal.acquire()  # the one slot
 journal.write(held, INTENT, b'{"event_id":"e-0","outcome":"submission_unknown"}')
 answered, running = journal.acquire(), journal.acquire()  # no slot left: both spill
@@ -172,7 +172,7 @@ def test_events_spill_when_every_slot_is_taken_and_survive_the_process(tmp_path)
 
 
 def test_a_spill_file_goes_once_none_of_its_events_waits(tmp_path):
-    journal = Journal(str(tmp_path), slots=1)
+    journal = Journal(str(tmp_path), slots=1, spill_max_bytes=1 << 20)
     journal.acquire()
     spilled = journal.acquire()
     journal.write(spilled, FINAL, b'{"event_id":"e-1","outcome":"dtmf_submitted"}')
