@@ -727,7 +727,10 @@ class _GroupCommit:
             failed = self._write(batch)
             for item in batch:
                 if item.error is None and item.slot is not None:
-                    self._outbox._journal.release(item.slot)
+                    try:
+                        self._outbox._journal.release(item.slot)
+                    except OSError as exc:  # a spill file's clean-up: the thread must outlive it
+                        log.error("audit journal: could not free a moved event's place (%s)", exc.strerror)
             with self._cond:
                 self._busy -= len(batch) - len(failed)
                 self._refused = bool(failed)
