@@ -3,10 +3,13 @@ Agent dialect, the discovered endpoints. One cached value per process, one fetch
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger("dtmf_service")
 
 
 class NotReady(Exception):
@@ -103,7 +106,18 @@ class SingleFlightCache:
             flight.error = exc
         except Exception as exc:  # noqa: BLE001 - never let one thread's surprise strand the waiters
             flight.error = self.error(f"request to the {self.what} failed ({type(exc).__name__})")
-        self._on_fetch("error" if flight.error is not None else "ok")
+        finally:
+            # Whatever happened above (even a BaseException), the flight ends here: otherwise every
+            # later caller would join it and wait out its own deadline.
+            self._land(flight)
+        try:
+            self._on_fetch("error" if flight.error is not None else "ok")
+        except Exception:  # noqa: BLE001 - a metrics write (full disk, bad exporter) never fails a fetch
+            log.warning("could not count a %s fetch", self.what, exc_info=False)
+
+    def _land(self, flight: _Flight) -> None:
+        if flight.token is None and flight.error is None:
+            flight.error = self.error(f"request to the {self.what} was interrupted")
         with self._lock:
             if flight.token is not None:
                 self._token = flight.token

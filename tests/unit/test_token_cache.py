@@ -131,3 +131,32 @@ def test_a_waiter_gives_up_at_its_own_deadline_while_the_fetch_hangs():
     release.set()
     leader.join(5)
     assert cache.get() == "tok" and len(calls) == 1
+
+
+def test_a_failing_metrics_write_never_strands_the_shared_fetch():
+    """Issue 17 item 7: the fetch's metrics write raising (full disk, broken exporter) must neither
+    fail the fetch nor leave the flight open, where every later caller would wait out its deadline."""
+
+    def broken_counter(result):
+        raise OSError("No space left on device")
+
+    tokens = iter(["t1", "t2"])
+    cache = TokenCache(lambda _t: (next(tokens), 3600), on_fetch=broken_counter)
+    assert cache.get(timeout_s=0.5) == "t1"
+    cache.invalidate("t1")
+    started = time.monotonic()
+    assert cache.get(timeout_s=0.5) == "t2"  # a new fetch, not a wait on a stranded one
+    assert time.monotonic() - started < 0.4
+
+
+def test_a_failing_metrics_write_after_a_failed_fetch_still_releases_the_waiters():
+    def broken_counter(result):
+        raise RuntimeError("exporter down")
+
+    fetch, calls, release = gated_fetch(TokenError("authentication with CXone failed"))
+    cache = TokenCache(fetch, on_fetch=broken_counter)
+    assert get_from_threads(cache, 5, release) == ["authentication with CXone failed"] * 5
+    started = time.monotonic()
+    with pytest.raises(TokenError, match="authentication"):
+        cache.get(timeout_s=0.5)  # the next caller leads a new fetch at once
+    assert time.monotonic() - started < 0.4 and len(calls) == 2
