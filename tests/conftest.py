@@ -29,6 +29,7 @@ def base_config(tmp_path):
         "METRICS_DIR": str(tmp_path / "metrics"),
         "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
         "IDEMPOTENCY_STORE": f"sqlite:///{tmp_path / 'idempotency.db'}",
+        "IDEMPOTENCY_HASH_KEY": "test-fingerprint-key",  # required outside sandbox mode
         "CXONE_BACKOFF_BASE_S": 0.01,
         "CXONE_BACKOFF_MAX_S": 0.05,
     }

@@ -8,6 +8,11 @@ while it runs is 409, with another body 422, after it finished the stored respon
 ``Idempotent-Replayed: true``. A mark whose lease lapsed means its worker died mid-request:
 the repeat is answered 504 ``submission_unknown``, never processed again.
 
+The in-flight mark outlives its lease by a replay window whatever ``IDEMPOTENCY_TTL_S`` says,
+and each claim has its own owner token: a store error during or after the claim releases that
+claim (nothing was sent), never another request's. Expiry runs in each process's maintenance
+thread, never in a request thread (stores.SqliteStore.maintain).
+
 Answers that prove nothing reached CXone (503 rate limited, 502 with no CXone answer) are
 not stored, so the caller's retry is processed. When the store fails after CXone answered,
 the caller still gets the true outcome; the write is retried in the background.
@@ -21,13 +26,16 @@ import json
 import logging
 import os
 import queue
+import random
+import secrets
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dtmf_service.config import request_lease_s
-from dtmf_service.idempotency.stores import UNKNOWN_STATUS, Store, Stored, open_store
+from dtmf_service.config import ConfigError, request_lease_s
+from dtmf_service.idempotency.stores import UNKNOWN_STATUS, RedisStore, Store, Stored, open_store
 from dtmf_service.outcome import Facts, Outcome, error_body
 
 log = logging.getLogger("dtmf_service")
@@ -58,6 +66,7 @@ class Idempotency:
         lease_s: float,
         hash_key: bytes,
         on_store_error: Callable[[], None] = lambda: None,
+        maintenance_interval_s: float | None = None,
     ) -> None:
         self.store = store
         self.ttl_s = ttl_s
@@ -65,13 +74,20 @@ class Idempotency:
         self._hash_key = hash_key
         self._on_store_error = on_store_error
         self._retrier = _Retrier(lease_s)
+        interval = maintenance_interval_s if maintenance_interval_s is not None else store.maintenance_interval_s
+        self._maintenance = _Maintenance(store, interval) if interval else None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], on_store_error: Callable[[], None] = lambda: None) -> Idempotency:
         lease = request_lease_s(config)
+        key = fingerprint_key(config)  # before opening the store: a refusal leaves nothing behind
         store = open_store(config.get("IDEMPOTENCY_STORE"))
-        secret = config.get("IDEMPOTENCY_HASH_KEY") or config.get("AUDIT_HASH_KEY")
-        key = secret.encode() if secret else store.local_key()
+        if isinstance(store, RedisStore) and not (config.get("IDEMPOTENCY_HASH_KEY") or config.get("AUDIT_HASH_KEY")):
+            store.close()
+            # Hosts sharing a Redis store must agree on fingerprints: a per-host key cannot do.
+            raise ConfigError(
+                "IDEMPOTENCY_HASH_KEY: required with a redis:// IDEMPOTENCY_STORE (or set AUDIT_HASH_KEY)"
+            )
         return cls(store, int(config["IDEMPOTENCY_TTL_S"]), lease, key, on_store_error)
 
     def run(
@@ -85,7 +101,18 @@ class Idempotency:
         """
         store_key = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
         fingerprint = hmac.new(self._hash_key, raw_body, hashlib.sha256).hexdigest()
-        existing = self.store.claim(store_key, fingerprint, self.lease_s, self.ttl_s)
+        owner = uuid.uuid4().hex
+        if self._maintenance is not None:
+            self._maintenance.ensure_running()
+        try:
+            existing = self.store.claim(store_key, fingerprint, owner, self.lease_s, self.ttl_s)
+        except Exception:
+            # The claim may be written even though the call failed (a commit, then an error): take
+            # back this request's mark, so the key is not left in flight with nothing sent. The
+            # caller gets 500 (nothing was sent) and may retry.
+            self._on_store_error()
+            self._release_after_failed_claim(store_key, owner)
+            raise
         if existing is not None:
             if existing.fingerprint != fingerprint:
                 error = "this Idempotency-Key was used with a different request body"
@@ -97,17 +124,26 @@ class Idempotency:
         try:
             outcome = handle()
         except BaseException:
-            self._settle(self.store.release, store_key, fingerprint)
+            self._settle(self.store.release, store_key, owner)
             raise
         if _storable(outcome):
             body = json.dumps({**outcome.body, "digits": ""} if "digits" in outcome.body else dict(outcome.body),
                               separators=(",", ":"))  # fmt: skip
             retry_after = {"Retry-After": outcome.headers["Retry-After"]} if "Retry-After" in outcome.headers else {}
             stored = Stored("done", fingerprint, outcome.http_status, body, retry_after)
-            self._settle(self.store.finish, store_key, stored, self.ttl_s)
+            self._settle(self.store.finish, store_key, owner, stored, self.ttl_s)
         else:
-            self._settle(self.store.release, store_key, fingerprint)
+            self._settle(self.store.release, store_key, owner)
         return outcome
+
+    def _release_after_failed_claim(self, store_key: str, owner: str) -> None:
+        try:
+            self.store.release(store_key, owner)
+        except Exception as exc:  # noqa: BLE001 - the store is in trouble: keep trying in the background
+            log.error("idempotency store failed while claiming a key (%s); nothing was sent", type(exc).__name__)
+            self._retrier.submit(self.store.release, (store_key, owner))
+        else:
+            log.error("idempotency store failed while claiming a key; the claim was released, nothing was sent")
 
     def _settle(self, operation: Callable[..., None], *args: Any) -> None:
         """Record how the request ended. CXone has answered by now, so a failing store must not turn
@@ -128,8 +164,71 @@ class Idempotency:
         return self._retrier.flush(timeout_s)
 
     def close(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.stop()
         self._retrier.flush(2.0)
         self.store.close()
+
+
+_sandbox_key: bytes | None = None
+_sandbox_key_lock = threading.Lock()
+
+
+def fingerprint_key(config: Mapping[str, Any]) -> bytes:
+    """The HMAC key of body fingerprints (CONTRACT.md section 8 *rev 3*): IDEMPOTENCY_HASH_KEY or
+    AUDIT_HASH_KEY, from configuration only, never a file beside the store.
+
+    In sandbox mode with neither set: a random key held in memory by the process that first asks.
+    gunicorn's master asks at start (on_starting), before it forks, so every worker it ever forks
+    (reloads included) inherits the same key and fingerprints agree across workers; a restarted
+    master makes a new key, so a repeat sent across a restart is answered 422, never processed twice.
+    """
+    secret = config.get("IDEMPOTENCY_HASH_KEY") or config.get("AUDIT_HASH_KEY")
+    if secret:
+        return str(secret).encode()
+    if not config.get("SANDBOX"):
+        raise ConfigError(
+            "IDEMPOTENCY_HASH_KEY: required outside sandbox mode (or AUDIT_HASH_KEY); the key of the stored"
+            " fingerprints must be kept outside the store"
+        )
+    global _sandbox_key
+    with _sandbox_key_lock:
+        if _sandbox_key is None:
+            _sandbox_key = secrets.token_bytes(32)
+        return _sandbox_key
+
+
+class _Maintenance:
+    """Each process's expiry thread (``store.maintain()`` every interval, with jitter so the
+    processes of a host do not all wake at once). Started by the first keyed request of each
+    process, because gunicorn forks workers after start-up and threads do not survive a fork."""
+
+    def __init__(self, store: Store, interval_s: float) -> None:
+        self._store = store
+        self._interval_s = interval_s
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def ensure_running(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._stop = threading.Event()
+            threading.Thread(target=self._run, args=(self._stop,), name="idempotency-expiry", daemon=True).start()
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self._interval_s * random.uniform(0.5, 1.0)):
+            try:
+                self._store.maintain()
+            except Exception as exc:  # noqa: BLE001 - a busy or failing store: try again next round
+                log.warning("idempotency store: expiry round failed (%s); retried next round", type(exc).__name__)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class _Retrier:

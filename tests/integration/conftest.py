@@ -31,6 +31,7 @@ def gateway_env(tmp_path):
         "DTMF_METRICS_DIR": str(tmp_path / "metrics"),
         "DTMF_AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
         "DTMF_IDEMPOTENCY_STORE": f"sqlite:///{tmp_path / 'idem.db'}",
+        "DTMF_IDEMPOTENCY_HASH_KEY": "test-fingerprint-key",  # required outside sandbox mode
         "DTMF_ACCESS_LOG": "off",
         "DTMF_GUNICORN_LOG_LEVEL": "warning",
     }

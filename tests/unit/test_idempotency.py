@@ -132,7 +132,7 @@ def test_fingerprint_is_keyed_when_a_hash_key_is_set(make_app):
 
 
 def _open_store_at_once(path, barrier, errors):
-    from dtmf_service.idempotency.stores import SqliteStore
+    from dtmf_service.idempotency.sqlite_store import SqliteStore
 
     barrier.wait(10)
     try:
