@@ -1,8 +1,12 @@
 """Integration fixtures: gunicorn with 4 workers in front of the simulator, in either dialect."""
 
-import pytest
+import subprocess
+import sys
 
-from tests.helpers import Gunicorn, RedisServer, WebhookReceiver
+import pytest
+import requests
+
+from tests.helpers import ROOT, Gunicorn, RedisServer, WebhookReceiver, free_port, wait_until
 
 
 def dialect_env(dialect, sim_url):
@@ -71,3 +75,43 @@ def webhook():
     receiver = WebhookReceiver().start()
     yield receiver
     receiver.stop()
+
+
+class SimulatorProcess:
+    """The CXone simulator as its own process (``python -m dtmf_service.simulator``), driven and
+    read over HTTP: what it records is what reached "CXone", whatever happened to the gateway."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dtmf_service.simulator", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._up, timeout=10)
+
+    def _up(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/_sim/requests", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def script(self, target: str, responses: list[dict]) -> None:
+        requests.post(f"{self.url}/_sim/script", json={"target": target, "responses": responses}, timeout=5)
+
+    def presses(self, interaction_id: str) -> int:
+        seen = requests.get(f"{self.url}/_sim/requests", timeout=5).json()
+        return sum(1 for r in seen if r["path"].endswith(f"/interactions/{interaction_id}/dtmf"))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def sim_process():
+    simulator = SimulatorProcess()
+    yield simulator
+    simulator.stop()

@@ -1,0 +1,80 @@
+"""Issue 17 item 7, CONTRACT.md section 9 *rev 3*: the in-flight mark of an Idempotency-Key lives as
+long as its request can, whatever IDEMPOTENCY_TTL_S says. Real gunicorn, the simulator as its own
+process (presses counted there), SQLite and a real redis-server."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.conftest import VALID
+from tests.helpers import wait_until
+from tests.integration.conftest import dialect_env
+
+pytestmark = pytest.mark.slow
+
+
+def keyed(url, key, interaction_id, timeout=30):
+    body = {**VALID, "interaction_id": interaction_id}
+    return requests.post(f"{url}/api/dtmf/parse", json=body, headers={"Idempotency-Key": key}, timeout=timeout)
+
+
+def in_background(call):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("response", call()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_env(request, tmp_path):
+    if request.param == "sqlite":
+        return {}
+    return {"DTMF_IDEMPOTENCY_STORE": request.getfixturevalue("redis_url")}
+
+
+def test_a_replay_window_shorter_than_the_request_never_presses_twice(
+    sim_process, gateway_env, start_gunicorn, store_env
+):
+    env = {
+        **gateway_env,
+        **dialect_env("tutorial", sim_process.url),
+        **store_env,
+        "DTMF_IDEMPOTENCY_TTL_S": "1",  # far below the 4 s CXone takes, and the 30 s of the killed request
+    }
+    gateway = start_gunicorn(env, workers=2, threads=4)
+
+    # 1. A same-key retry while the first request still waits on CXone.
+    sim_process.script("dtmf:slow-1", [{"status": 200, "delay_s": 4, "body": {"ok": True}}])
+    first, result = in_background(lambda: keyed(gateway.url, "k-slow", "slow-1"))
+    wait_until(lambda: sim_process.presses("slow-1") == 1, timeout=10)
+    time.sleep(1.5)  # past IDEMPOTENCY_TTL_S
+    retry = keyed(gateway.url, "k-slow", "slow-1")
+    assert (retry.status_code, retry.json()["status"]) == (409, "idempotency_in_progress")
+    first.join(15)
+    assert result["response"].status_code == 200
+    assert sim_process.presses("slow-1") == 1
+
+    # 2. A same-key retry after the first request's worker was SIGKILLed mid-request.
+    sim_process.script("dtmf:killed-1", [{"status": 200, "delay_s": 30, "body": {"ok": True}}])
+    doomed, _ = in_background(lambda: keyed(gateway.url, "k-kill", "killed-1", timeout=40))
+    wait_until(lambda: sim_process.presses("killed-1") == 1, timeout=10)
+    for pid in gateway.worker_pids():  # whichever worker holds it
+        os.kill(pid, signal.SIGKILL)
+    doomed.join(10)
+    time.sleep(1.5)  # past IDEMPOTENCY_TTL_S
+    wait_until(lambda: len(gateway.worker_pids()) == 2, timeout=20)
+    (retry,) = wait_until(lambda: _answered(gateway.url, "k-kill", "killed-1"), timeout=20)
+    # Its lease (the request's deadline plus margin) has not lapsed: in flight, never processed again.
+    assert (retry.status_code, retry.json()["status"]) == (409, "idempotency_in_progress")
+    assert sim_process.presses("killed-1") == 1
+
+
+def _answered(url, key, interaction_id):
+    try:
+        return (keyed(url, key, interaction_id, timeout=10),)  # a tuple: a 409 response is falsy
+    except requests.ConnectionError:
+        return None  # the new workers are still starting
