@@ -359,6 +359,7 @@ def gateway_env(
         "DTMF_CXONE_CLIENT_ID": "bench",
         "DTMF_CXONE_CLIENT_SECRET": "bench",
         "DTMF_ALLOW_UNAUTHENTICATED": "true",
+        "DTMF_IDEMPOTENCY_HASH_KEY": "bench-fingerprint-key",  # required outside sandbox mode
         "DTMF_AUDIT_SPOOL_DIR": str(workdir / f"spool-{plugins}"),
         "DTMF_IDEMPOTENCY_STORE": f"sqlite:///{workdir / 'idem.db'}",
         "DTMF_METRICS_EXPORTERS": "memory",

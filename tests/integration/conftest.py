@@ -14,6 +14,7 @@ def dialect_env(dialect, sim_url):
         "DTMF_CXONE_CLIENT_ID": "client-id",
         "DTMF_CXONE_CLIENT_SECRET": "s3cr&t=+ value",
         "DTMF_ALLOW_UNAUTHENTICATED": "true",
+        "DTMF_IDEMPOTENCY_HASH_KEY": "test-fingerprint-key",  # required outside sandbox mode
         "DTMF_CXONE_BACKOFF_BASE_S": "0.05",
         "DTMF_CXONE_BACKOFF_MAX_S": "0.2",
     }
