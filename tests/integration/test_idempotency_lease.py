@@ -78,3 +78,28 @@ def _answered(url, key, interaction_id):
         return (keyed(url, key, interaction_id, timeout=10),)  # a tuple: a 409 response is falsy
     except requests.ConnectionError:
         return None  # the new workers are still starting
+
+
+def test_fingerprint_key_from_configuration_only(sim_process, gateway_env, start_gunicorn, tmp_path):
+    """Issue 18 item 2: outside sandbox mode no key means no start (one line); in sandbox mode the
+    master's in-memory key is shared by all its workers, and no key file is ever written."""
+    store_dir = tmp_path / "idem"
+    base = {**gateway_env, "DTMF_IDEMPOTENCY_STORE": f"sqlite:///{store_dir / 'idem.db'}"}
+    upstream = {k: v for k, v in dialect_env("tutorial", sim_process.url).items() if k != "DTMF_IDEMPOTENCY_HASH_KEY"}
+    refused = {k: v for k, v in {**base, **upstream}.items() if k != "DTMF_IDEMPOTENCY_HASH_KEY"}
+    with pytest.raises(RuntimeError, match="exited with 4") as info:
+        start_gunicorn(refused, workers=2, threads=2)
+    lines = [line for line in str(info.value).splitlines() if "IDEMPOTENCY_HASH_KEY" in line]
+    assert lines and "required outside sandbox mode" in lines[0]
+
+    sandbox = {k: v for k, v in base.items() if k != "DTMF_IDEMPOTENCY_HASH_KEY"}
+    gateway = start_gunicorn(sandbox, workers=3, threads=2)
+    answers = []
+    for _ in range(9):  # new connections: spread over the three workers
+        with requests.Session() as session:
+            r = session.post(
+                f"{gateway.url}/api/dtmf/parse", json=VALID, headers={"Idempotency-Key": "s-1"}, timeout=10
+            )
+            answers.append((r.status_code, r.headers.get("Idempotent-Replayed")))
+    assert answers == [(200, None)] + [(200, "true")] * 8  # no 422: every worker fingerprints alike
+    assert {p.name for p in store_dir.iterdir()} <= {"idem.db", "idem.db-wal", "idem.db-shm"}
