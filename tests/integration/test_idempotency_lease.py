@@ -103,3 +103,25 @@ def test_fingerprint_key_from_configuration_only(sim_process, gateway_env, start
             answers.append((r.status_code, r.headers.get("Idempotent-Replayed")))
     assert answers == [(200, None)] + [(200, "true")] * 8  # no 422: every worker fingerprints alike
     assert {p.name for p in store_dir.iterdir()} <= {"idem.db", "idem.db-wal", "idem.db-shm"}
+
+
+def test_redis_release_and_finish_touch_only_their_own_claim(redis_url):
+    """The owner token on Redis (Lua scripts): a stray release or a late finish of another claim of
+    the same key never frees or overwrites this request's mark; the mark outlives a short TTL."""
+    from dtmf_service.idempotency.stores import RedisStore, Stored
+
+    store = RedisStore(redis_url)
+    try:
+        assert store.claim("k", "fp", "first", 40.0, 1) is None
+        assert 40 <= store._redis.ttl("dtmf:idem:k") <= 41  # lease + replay window, not the 1 s window
+        store.release("k", "someone-else")
+        store.finish("k", "someone-else", Stored("done", "fp", 200, "{}"), 60)
+        assert store.claim("k", "fp", "second", 40.0, 1).state == "in_flight"
+        store.finish("k", "first", Stored("done", "fp", 200, '{"status":"dtmf_submitted"}'), 60)
+        replay = store.claim("k", "fp", "third", 40.0, 1)
+        assert (replay.state, replay.status) == ("done", 200)
+        assert store.claim("j", "fp", "fourth", 40.0, 1) is None
+        store.release("j", "fourth")
+        assert store.claim("j", "fp", "fifth", 40.0, 1) is None  # released: processed anew
+    finally:
+        store.close()
