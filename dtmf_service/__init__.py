@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,8 +32,11 @@ __all__ = [
 log = logging.getLogger("dtmf_service")
 
 
-def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
-    """The Flask application. ``test_config`` replaces the environment and file sources."""
+def create_app(test_config: Mapping[str, Any] | None = None, operator: bool | None = None) -> Any:
+    """The Flask application. ``test_config`` replaces the environment and file sources.
+
+    ``operator`` (default: loaded by ``flask ... dtmf ...``): for the operator CLI, which serves no
+    request and creates nothing; only the configuration is checked (wiring.build_operator)."""
     from flask import Flask, g, request
 
     from dtmf_service import config as cfg
@@ -41,7 +46,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
     from dtmf_service.web.errors import error_response, register_error_handlers
     from dtmf_service.web.tracing import trace_from_header
     from dtmf_service.web.views import bp
-    from dtmf_service.wiring import build
+    from dtmf_service.wiring import build, build_operator
 
     app = Flask(__name__)
     if test_config is None:
@@ -51,6 +56,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
     cfg.finalise(app.config)
     _configure_logging(app.config["LOG_LEVEL"])
 
+    if operator is None:
+        operator = _operator_command()
+    if operator:
+        app.extensions["dtmf"] = build_operator(app.config)
+        register_cli(app)
+        return app
     components = build(app.config)
     app.extensions["dtmf"] = components
     if app.config["PROXY_COUNT"]:
@@ -96,6 +107,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Any:
         )
     atexit.register(components.close, 5.0)
     return app
+
+
+def _operator_command() -> bool:
+    """Is this ``flask --app app dtmf ...``? (Flask's CLI sets FLASK_RUN_FROM_CLI for every command,
+    ``flask run`` included; the operator commands are those of the ``dtmf`` group.)"""
+    return os.environ.get("FLASK_RUN_FROM_CLI") == "true" and "dtmf" in sys.argv[1:]
 
 
 def _raw_path(environ: Mapping[str, Any]) -> str:

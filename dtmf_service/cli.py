@@ -3,13 +3,21 @@
 They load the configuration exactly as start-up does and work on the same audit outbox as the
 running service, while it runs. Audit events are shown as they are stored, that is with digits
 already redacted as AUDIT_DIGITS and AUDIT_SENSITIVE_KEYS say; secrets are masked.
+
+They read and never re-route (CONTRACT.md section 11 rev 3): the app is built for an operator
+(wiring.build_operator: no outbox, spool, journal, metrics directory or store is created), the
+outbox is opened only if it exists, and where an event goes stays what the service that answered
+decided. ``redeliver`` queues a letter only for a sink this configuration has; ``purge`` drops a
+sink's events on purpose. Times in JSON output are RFC 3339, as in the tables.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import sys
+import time
 from typing import Any
 
 import click
@@ -17,6 +25,9 @@ from flask import current_app
 from flask.cli import AppGroup, FlaskGroup
 
 from dtmf_service import config as cfg
+from dtmf_service.audit.outbox import Outbox, OutboxMissing, open_outbox
+
+log = logging.getLogger("dtmf_service.audit")
 
 dtmf = AppGroup("dtmf", help="DTMF gateway operator commands.")
 audit = AppGroup("audit", help="The audit outbox: backlog, dead letters, re-delivery.")
@@ -27,11 +38,26 @@ def _components() -> Any:
     return current_app.extensions["dtmf"]
 
 
-def _outbox() -> Any:
-    components = _components()
-    if components.outbox is None:
-        raise click.ClickException("no audit sink is configured (AUDIT_SINKS): there is no outbox")
-    return components.outbox
+def _sinks() -> tuple[str, ...]:
+    """The sinks of this configuration (the service's, when run with its environment)."""
+    return tuple(dict.fromkeys(current_app.config["AUDIT_SINKS"]))
+
+
+def _outbox() -> Outbox:
+    """The service's existing outbox, opened for an operator (nothing is created); one line naming
+    the place looked at, and exit 1, when there is none."""
+    try:
+        outbox = open_outbox(current_app.config, _sinks(), operator=True)
+    except OutboxMissing as exc:
+        raise click.ClickException(f"{exc} (is AUDIT_SPOOL_DIR / AUDIT_OUTBOX the service's?)") from None
+    click.get_current_context().call_on_close(outbox.close)
+    return outbox
+
+
+def _rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds")
 
 
 @dtmf.command("check-config")
@@ -66,12 +92,15 @@ def check_config(as_json: bool) -> None:
 def audit_status(as_json: bool) -> None:
     """Per sink: pending events, age of the oldest, dead letters, dropped."""
     backlog = _outbox().backlog()
+    now = time.time()
     rows = {
         sink: {
             "pending": b.pending,
-            "oldest_pending_s": b.oldest_pending_s,
+            "oldest_pending_s": b.oldest_pending_s,  # an age in seconds, as the table shows it
+            "oldest_pending_at": _rfc3339(now - b.oldest_pending_s) if b.oldest_pending_s is not None else None,
             "dead_letters": b.dead_letters,
             "dropped": b.dropped,
+            "configured": b.configured,
         }
         for sink, b in backlog.items()
     }
@@ -81,7 +110,8 @@ def audit_status(as_json: bool) -> None:
     click.echo(f"{'sink':<12} {'pending':>8} {'oldest':>10} {'dead letters':>13} {'dropped':>8}")
     for sink, row in rows.items():
         oldest = f"{row['oldest_pending_s']:.1f} s" if row["oldest_pending_s"] is not None else "-"
-        click.echo(f"{sink:<12} {row['pending']:>8} {oldest:>10} {row['dead_letters']:>13} {row['dropped']:>8}")
+        note = "" if row["configured"] else "  not configured (kept until it returns or audit purge)"
+        click.echo(f"{sink:<12} {row['pending']:>8} {oldest:>10} {row['dead_letters']:>13} {row['dropped']:>8}{note}")
 
 
 @audit.command("dead-letters")
@@ -90,15 +120,17 @@ def audit_status(as_json: bool) -> None:
 def audit_dead_letters(sink: str | None, as_json: bool) -> None:
     """List the events receivers refused for good."""
     letters = _outbox().dead_letters(sink)
+    configured = set(_sinks())
     if as_json:
         for letter in letters:
-            click.echo(json.dumps(letter, separators=(",", ":")))
+            shown = {**letter, "failed": _rfc3339(letter["failed"]), "configured": letter["sink"] in configured}
+            click.echo(json.dumps(shown, separators=(",", ":")))
         return
     if not letters:
         click.echo("no dead letters")
         return
     for letter in letters:
-        failed = dt.datetime.fromtimestamp(letter["failed"], dt.UTC).isoformat(timespec="seconds")
+        failed = _rfc3339(letter["failed"])
         event = letter["event"]
         click.echo(
             f"{letter['sink']:<10} {letter['event_id']}  {failed}  {event.get('outcome')}  "
@@ -111,13 +143,47 @@ def audit_dead_letters(sink: str | None, as_json: bool) -> None:
 @click.option("--event-id", help="Only this event.")
 @click.option("--all", "everything", is_flag=True, help="Every dead letter (of --sink, if given).")
 def audit_redeliver(sink: str | None, event_id: str | None, everything: bool) -> None:
-    """Put dead letters back in line for their own sink."""
+    """Put dead letters back in line for their own sink.
+
+    Only for a sink this configuration has: a letter of any other sink is kept (exit 1), never
+    queued for no sink. Each letter is claimed atomically, so two runs at once (two terminals, two
+    hosts) never queue one twice."""
     if not event_id and not everything:
         raise click.UsageError("say which: --event-id ID, or --all")
-    moved = _outbox().redeliver(sink, event_id)
+    configured = _sinks()
+    if sink is not None and sink not in configured:
+        raise click.ClickException(f"sink {sink!r} is not configured here (AUDIT_SINKS): its dead letters are kept")
+    outbox = _outbox()
+    asked = [letter for letter in outbox.dead_letters(sink) if event_id is None or letter["event_id"] == event_id]
+    if event_id is not None and not asked:
+        raise click.ClickException("no dead letter with that id")
+    kept = sorted({letter["sink"] for letter in asked if letter["sink"] not in configured})
+    moved = outbox.redeliver(sink, event_id)
     click.echo(f"{moved} dead letter(s) back in line")
-    if event_id and not moved:
-        sys.exit(1)
+    if kept:
+        raise click.ClickException(
+            f"dead letters of sink(s) not configured here kept: {', '.join(kept)} (AUDIT_SINKS; or audit purge)"
+        )
+
+
+@audit.command("purge")
+@click.option("--sink", required=True, help="The sink whose events to drop.")
+@click.option("--dead-letters-only", is_flag=True, help="Drop its dead letters only, not its pending events.")
+def audit_purge(sink: str, dead_letters_only: bool) -> None:
+    """Drop a sink's undelivered events and dead letters on purpose (counted as dropped, logged).
+
+    For a sink removed from the configuration: its events wait for it until it returns or this
+    drops them. A configured sink's pending events are not purged (remove it first); its dead
+    letters may be, with --dead-letters-only."""
+    if sink in _sinks() and not dead_letters_only:
+        raise click.ClickException(
+            f"sink {sink!r} is configured here: the service delivers its events (remove it from AUDIT_SINKS "
+            "first, or use --dead-letters-only)"
+        )
+    events, letters = _outbox().purge(sink, dead_letters_only)
+    log.warning("audit purge: dropped %d pending event(s) and %d dead letter(s) of sink %s on purpose",
+                events, letters, sink)  # fmt: skip
+    click.echo(f"dropped {events} pending event(s) and {letters} dead letter(s) of sink {sink} (counted as dropped)")
 
 
 def register(app: Any) -> None:
@@ -129,7 +195,7 @@ def _create_app() -> Any:
     from dtmf_service import create_app
 
     try:
-        return create_app()
+        return create_app(operator=True)  # no command of this script serves requests
     except cfg.ConfigError as exc:
         # One line naming the key, exit 4: what start-up does (app.py).
         click.echo(f"dtmf-gateway: configuration error: {exc}", err=True)

@@ -24,7 +24,13 @@ from dtmf_service.hookspecs import MetricsExporter
 from dtmf_service.idempotency import Idempotency
 from dtmf_service.metrics import Metrics
 from dtmf_service.parse import ParseService
-from dtmf_service.pluginmanager import build_plugin_manager, plugin_config_keys, resolve_exporters, resolve_sinks
+from dtmf_service.pluginmanager import (
+    build_plugin_manager,
+    check_plugins,
+    plugin_config_keys,
+    resolve_exporters,
+    resolve_sinks,
+)
 from dtmf_service.simulator import Simulator
 from dtmf_service.web import apikeys
 from dtmf_service.web.security import Authenticator
@@ -70,6 +76,31 @@ class Components:
         self.trail.close(timeout_s)
         self.idempotency.close()
         self.client.close()
+
+
+@dataclass
+class OperatorComponents:
+    """What the operator CLI works with: the finished configuration and nothing the service owns.
+    Building it creates no file (no outbox, spool, journal, metrics directory or idempotency
+    store): each command opens what already exists (CONTRACT.md section 11 rev 3)."""
+
+    config: dict[str, Any]
+    mode: str
+    sinks: tuple[str, ...]
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        pass
+
+
+def build_operator(config: dict[str, Any]) -> OperatorComponents:
+    """Check the configuration as start-up does (every plugin's factory runs and is closed again:
+    a bad plugin setting fails here too), for a command that serves no request."""
+    check_plugins(config)
+    return OperatorComponents(
+        config=config,
+        mode="sandbox" if config["SANDBOX"] else "cxone",
+        sinks=tuple(dict.fromkeys(config["AUDIT_SINKS"])),
+    )
 
 
 def build(config: dict[str, Any]) -> Components:

@@ -28,12 +28,14 @@ class FileSink:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._pid: int | None = None
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, mode=directory_mode(mode), exist_ok=True)
 
     def _descriptor(self) -> int:
         if self._fd is None or self._pid != os.getpid():
             # Re-opened after fork, and after log rotation moved the file away (checked by inode).
+            # The directory is made here, not by the factory: a CLI command that builds the sink
+            # to check its settings creates nothing (CONTRACT.md section 11 rev 3).
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, mode=directory_mode(self.mode), exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.mode)
             self._pid = os.getpid()
             self._apply_mode(self._fd)

@@ -17,13 +17,25 @@ or of the fleet (Redis Streams). The request path writes; the delivery side
   ``retry`` puts them back after a delay, ``dead_letter`` sets a permanently refused one aside.
 - The size bound (AUDIT_SPOOL_MAX_MB) drops the oldest events, counted per sink.
 
+Routing (CONTRACT.md section 7 rev 3): where an event goes is fixed when it is written, by the
+sinks of the process that answered its request: the stored event carries its sink list (SQLite: a
+column the fan-out trigger reads; Redis: a field of the stream entry; the journal: a key appended
+to the payload, ``routed``/``unrouted``), so no other process (the CLI, ``check-config`` run with
+another configuration, a host with other settings during a rolling change) can change it. A sink
+that leaves the configuration keeps its events and dead letters until ``purge`` drops them.
+
+The operator CLI opens an existing outbox only (``open_outbox(..., operator=True)``): it creates
+no file, group or key, and raises OutboxMissing when there is nothing at the configured place.
+
 Implementations: outbox_sqlite.py (the default) and outbox_redis.py; ``open_outbox`` picks one
 from AUDIT_OUTBOX.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,6 +58,35 @@ class SinkBacklog:
     oldest_pending_s: float | None
     dead_letters: int
     dropped: int
+    configured: bool = True  # False: a sink this process does not have, whose events wait for it
+
+
+class OutboxMissing(Exception):
+    """The operator CLI found no outbox where the configuration points (it never creates one)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"no audit outbox at {where}")
+        self.where = where
+
+
+# The sink list travels with an event through the journal as one more key at the end of its JSON
+# object (a quoted key followed by a list cannot occur inside a JSON string value, only as a real
+# key, and events have no such key): the payload still parses as the event's JSON.
+_ROUTE_KEY = b',"dtmf:sinks":'
+
+
+def routed(body: str, sinks: Sequence[str]) -> bytes:
+    """The journal payload of ``body`` (an event's compact JSON object) addressed to ``sinks``."""
+    return body[:-1].encode() + _ROUTE_KEY + json.dumps(list(sinks), separators=(",", ":")).encode() + b"}"
+
+
+def unrouted(payload: bytes) -> tuple[str, tuple[str, ...] | None]:
+    """(the event's JSON, its sinks) from a journal payload; sinks None for an earlier version's."""
+    at = payload.rfind(_ROUTE_KEY)
+    if at < 0 or not payload.endswith(b"]}"):
+        return payload.decode(), None
+    sinks = json.loads(payload[at + len(_ROUTE_KEY) : -1])
+    return payload[:at].decode() + "}", tuple(sinks)
 
 
 class Outbox(Protocol):
@@ -61,7 +102,15 @@ class Outbox(Protocol):
     def enforce_bound(self) -> dict[str, int]: ...
     def backlog(self) -> dict[str, SinkBacklog]: ...
     def dead_letters(self, sink: str | None = None) -> list[dict[str, Any]]: ...
-    def redeliver(self, sink: str | None = None, event_id: str | None = None) -> int: ...
+    def redeliver(self, sink: str | None = None, event_id: str | None = None) -> int:
+        """Put dead letters back in line, each for its own sink only, each claimed atomically (two
+        operators at once never queue one twice); how many. Letters of a sink this outbox's
+        configuration lacks are kept, never queued for no sink."""
+
+    def purge(self, sink: str, dead_letters_only: bool = False) -> tuple[int, int]:
+        """Drop a sink's undelivered events (unless ``dead_letters_only``) and its dead letters on
+        purpose, counted as dropped: (events, dead letters) dropped."""
+
     def check_file(self) -> int:
         """Notice a file or folder deleted at run time and move what this process holds into a new one."""
 
@@ -74,16 +123,29 @@ class Outbox(Protocol):
     def close(self) -> None: ...
 
 
-def open_outbox(config: Mapping[str, Any], sinks: Iterable[str]) -> Outbox:
-    """The outbox named by AUDIT_OUTBOX (default: SQLite in AUDIT_SPOOL_DIR)."""
-    url = config.get("AUDIT_OUTBOX") or f"sqlite:///{os.path.join(config['AUDIT_SPOOL_DIR'], 'outbox.db')}"
+def outbox_url(config: Mapping[str, Any]) -> str:
+    return config.get("AUDIT_OUTBOX") or f"sqlite:///{os.path.join(config['AUDIT_SPOOL_DIR'], 'outbox.db')}"
+
+
+def shown_url(url: str) -> str:
+    """``url`` fit for a message: user-info and query string masked (they may hold a password)."""
+    url = re.sub(r"^([a-z+]+://)[^@/]*@", r"\1********@", url)
+    return re.sub(r"\?.*$", "?********", url)
+
+
+def open_outbox(config: Mapping[str, Any], sinks: Iterable[str], operator: bool = False) -> Outbox:
+    """The outbox named by AUDIT_OUTBOX (default: SQLite in AUDIT_SPOOL_DIR). ``operator`` (the CLI):
+    open an existing one without creating or changing anything, else raise OutboxMissing."""
+    url = outbox_url(config)
     max_bytes = int(float(config["AUDIT_SPOOL_MAX_MB"]) * 1024 * 1024)
     if url.startswith("sqlite:///"):
         from dtmf_service.audit.outbox_sqlite import SqliteOutbox
 
-        return SqliteOutbox(url[len("sqlite:///") :], sinks, max_bytes, bool(config.get("AUDIT_OUTBOX_FSYNC")))
+        path = url[len("sqlite:///") :]
+        fsync = bool(config.get("AUDIT_OUTBOX_FSYNC"))
+        return SqliteOutbox(path, sinks, max_bytes, fsync, operator=operator)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from dtmf_service.audit.outbox_redis import RedisOutbox
 
-        return RedisOutbox(url, sinks, max_bytes)
+        return RedisOutbox(url, sinks, max_bytes, operator=operator)
     raise ConfigError("AUDIT_OUTBOX: expected sqlite:///<path> or redis://host:port/db")

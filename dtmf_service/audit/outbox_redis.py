@@ -9,6 +9,14 @@ lease in a sorted set, so any host recovers them as ``submission_unknown`` once 
 A retry after a delay is an XCLAIM that sets the entry's idle time so that it becomes claimable
 again exactly ``delay`` later. The stream is trimmed (XTRIM MINID) behind the slowest sink, and to
 the size bound when a sink falls too far behind, counting the undelivered events it drops.
+
+Routing: each entry lists its sinks (field ``s``, those of the process that wrote it); a group
+acknowledges at once the entries that are not for it. A sink removed from the configuration keeps
+its group, its entries and its dead letters (``purge`` drops them). Dead letters go back in line
+through a script that claims each one atomically.
+
+Longer than the project's usual module: the stream, its groups and the dead letters are one unit
+that share the key layout; splitting them would spread it over several files.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any
 import redis
 
 from dtmf_service.audit.event import AuditEvent
-from dtmf_service.audit.outbox import Claimed, SinkBacklog
+from dtmf_service.audit.outbox import Claimed, OutboxMissing, SinkBacklog, routed, shown_url, unrouted
 
 _PREFIX = "dtmf:audit:"
 _AVERAGE_EVENT_BYTES = 1024  # to turn AUDIT_SPOOL_MAX_MB into a stream length
@@ -31,13 +39,36 @@ local body = redis.call('HGET', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 if not body then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[1], '*', 'e', ARGV[2])
+redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 's', ARGV[3])
 return 1
+"""
+
+# A dead letter back in line, claimed atomically: only the caller whose HDEL removed it queues it,
+# so two operators (two terminals, two hosts) never put one letter back twice.
+_REDELIVER = """
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 's', ARGV[3])
+return 1
+"""
+
+# A sink's dead letters dropped on purpose, counted as dropped, in one step.
+_PURGE_DEAD = """
+local n = redis.call('HLEN', KEYS[1])
+redis.call('DEL', KEYS[1])
+if n > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], n) end
+return n
 """
 
 
 def _dumps(event: Mapping[str, Any]) -> str:
     return json.dumps(event, separators=(",", ":"))
+
+
+def _routes_to(fields: Mapping[str, str], sink: str) -> bool:
+    """Is a stream entry for ``sink``? Its ``s`` field lists its sinks (fixed by the process that
+    wrote it); an entry without one (an earlier version's) is for every sink."""
+    targets = fields.get("s")
+    return targets is None or sink in targets.split(",")
 
 
 def _id_key(stream_id: str) -> tuple[int, int]:
@@ -48,19 +79,25 @@ def _id_key(stream_id: str) -> tuple[int, int]:
 class RedisOutbox:
     """The Outbox interface of outbox.py on Redis Streams with consumer groups."""
 
-    def __init__(self, url: str, sinks: Iterable[str], max_bytes: int) -> None:
+    def __init__(self, url: str, sinks: Iterable[str], max_bytes: int, operator: bool = False) -> None:
         self.sinks = tuple(sinks)
+        self._route = ",".join(self.sinks)  # every entry this process writes goes to these sinks
+        self.operator = operator  # the CLI: creates no stream and no group
         self._r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, decode_responses=True)
         self._stream = _PREFIX + "events"
         self._intents = _PREFIX + "intents"
         self._leases = _PREFIX + "leases"
         self._max_entries = max(1000, max_bytes // _AVERAGE_EVENT_BYTES)
         self._recover_script = self._r.register_script(_RECOVER)
+        self._redeliver_script = self._r.register_script(_REDELIVER)
+        self._purge_dead_script = self._r.register_script(_PURGE_DEAD)
         self._groups_ready = False
+        if operator and not self._r.exists(self._stream):
+            raise OutboxMissing(f"{shown_url(url)} (stream {self._stream})")
         self._lease_s = 30.0  # the claim lease last used: a retry's delay is measured against it
 
     def _groups(self) -> None:
-        if self._groups_ready:
+        if self._groups_ready or self.operator:
             return
         for sink in self.sinks:
             try:
@@ -74,7 +111,7 @@ class RedisOutbox:
     def intend(self, event: Mapping[str, Any], lease_s: float) -> None:
         """In Redis before this returns: when this host dies for good, another recovers it."""
         pipe = self._r.pipeline(transaction=True)
-        pipe.hset(self._intents, event["event_id"], _dumps(event))
+        pipe.hset(self._intents, event["event_id"], routed(_dumps(event), self.sinks).decode())
         pipe.zadd(self._leases, {event["event_id"]: time.time() + lease_s})
         pipe.execute()
 
@@ -82,7 +119,7 @@ class RedisOutbox:
         """In Redis before this returns (no local journal: the event must outlive the host)."""
         self._groups()
         pipe = self._r.pipeline(transaction=True)
-        pipe.xadd(self._stream, {"e": _dumps(event)})
+        pipe.xadd(self._stream, {"e": _dumps(event), "s": self._route})
         pipe.hdel(self._intents, event["event_id"])
         pipe.zrem(self._leases, event["event_id"])
         pipe.execute()
@@ -95,9 +132,13 @@ class RedisOutbox:
             if body is None:
                 self._r.zrem(self._leases, event_id)
                 continue
-            event = {**json.loads(body), "recovered": True}
+            plain, sinks = unrouted(body.encode())
+            event = {**json.loads(plain), "recovered": True}
+            route = self._route if sinks is None else ",".join(sinks)  # the answering process's sinks
             recovered += int(
-                self._recover_script(keys=[self._stream, self._intents, self._leases], args=[event_id, _dumps(event)])
+                self._recover_script(
+                    keys=[self._stream, self._intents, self._leases], args=[event_id, _dumps(event), route]
+                )
             )
         return recovered
 
@@ -124,9 +165,8 @@ class RedisOutbox:
                 pipe.hincrby(_PREFIX + f"attempts:{sink}", entry_id, 1)
             counts = pipe.execute()
             for (entry_id, fields), attempts in zip(wanted, counts, strict=True):
-                only = fields.get("s")
-                if only and only != sink:
-                    foreign.append(entry_id)  # put back in line for another sink
+                if not _routes_to(fields, sink):
+                    foreign.append(entry_id)  # written for other sinks: settled for this one
                     continue
                 claimed.append(Claimed(entry_id, AuditEvent(json.loads(fields["e"]), fields["e"]), int(attempts)))
         if foreign:
@@ -161,10 +201,9 @@ class RedisOutbox:
         self._groups()
         groups = {g["name"]: g for g in self._r.xinfo_groups(self._stream)}
         needed_from: list[str] = []
-        for sink in self.sinks:
-            group = groups.get(sink)
-            if group is None:
-                continue
+        # Every group in the stream, not only this process's sinks: a host during a rolling change may
+        # lack one, and must not trim its unread entries.
+        for sink, group in groups.items():
             summary = self._r.xpending(self._stream, sink)
             if summary["pending"]:
                 needed_from.append(summary["min"])
@@ -181,10 +220,11 @@ class RedisOutbox:
             return {}
         cut = doomed[-1][0]
         dropped: dict[str, int] = {}
-        for sink in self.sinks:
-            group = groups.get(sink)
-            last = group["last-delivered-id"] if group else "0-0"
-            unread = sum(1 for entry_id, _ in doomed if _id_key(entry_id) > _id_key(last))
+        for sink, group in groups.items():
+            last = group["last-delivered-id"]
+            unread = sum(
+                1 for entry_id, fields in doomed if _id_key(entry_id) > _id_key(last) and _routes_to(fields, sink)
+            )
             pending = self._r.xpending_range(self._stream, sink, min="-", max=cut, count=excess)
             if pending:
                 self._r.xack(self._stream, sink, *[p["message_id"] for p in pending])
@@ -200,13 +240,23 @@ class RedisOutbox:
             self._r.hincrby(_PREFIX + "dropped", sink, count)
 
     # -- figures and operator commands ---------------------------------------------------------
+    def _known_sinks(self, groups: Mapping[str, Any]) -> list[str]:
+        """This process's sinks, then every other sink the stream has a group for (a sink removed
+        from the configuration keeps its group, so its events and dead letters stay visible)."""
+        return [*self.sinks, *sorted(name for name in groups if name not in self.sinks)]
+
+    def _group_info(self) -> dict[str, Any]:
+        if not self._r.exists(self._stream):
+            return {}
+        return {g["name"]: g for g in self._r.xinfo_groups(self._stream)}
+
     def backlog(self) -> dict[str, SinkBacklog]:
         self._groups()
-        groups = {g["name"]: g for g in self._r.xinfo_groups(self._stream)}
+        groups = self._group_info()
         dropped = self._r.hgetall(_PREFIX + "dropped")
         now_ms = time.time() * 1000
         result = {}
-        for sink in self.sinks:
+        for sink in self._known_sinks(groups):
             group = groups.get(sink, {})
             pending = int(group.get("pending") or 0)
             lag = group.get("lag")
@@ -215,36 +265,81 @@ class RedisOutbox:
                 oldest = self._r.xpending(self._stream, sink)["min"]
             last = group.get("last-delivered-id", "0-0")
             unread = self._r.xrange(self._stream, min=f"({last}", count=1)
-            if lag is None:  # Redis cannot tell (entries were trimmed): count what is after the cursor
-                lag = len(self._r.xrange(self._stream, min=f"({last}"))
+            configured = sink in self.sinks
+            if lag is None or not configured:
+                # Redis cannot tell (entries were trimmed), or nobody reads this group any more (its
+                # lag would count every later entry, for whatever sinks): count its own entries.
+                lag = self._unread_for(sink, last)
             if oldest is None and unread:
                 oldest = unread[0][0]
             age = round(max(now_ms - _id_key(oldest)[0], 0) / 1000, 3) if oldest else None
             result[sink] = SinkBacklog(
-                pending + int(lag), age, int(self._r.hlen(_PREFIX + f"dead:{sink}")), int(dropped.get(sink, 0))
+                pending + int(lag),
+                age,
+                int(self._r.hlen(_PREFIX + f"dead:{sink}")),
+                int(dropped.get(sink, 0)),
+                configured=configured,
             )
         return result
 
+    def _unread_for(self, sink: str, after: str, upto: str = "+") -> int:
+        """Entries after ``after`` (up to ``upto``) that are for ``sink``, read a page at a time."""
+        count, cursor = 0, f"({after}"
+        while True:
+            page = self._r.xrange(self._stream, min=cursor, max=upto, count=1000)
+            count += sum(1 for _, fields in page if fields and _routes_to(fields, sink))
+            if len(page) < 1000:
+                return count
+            cursor = f"({page[-1][0]}"
+
     def dead_letters(self, sink: str | None = None) -> list[dict[str, Any]]:
         letters = []
-        for name in [sink] if sink else self.sinks:
+        for name in [sink] if sink else self._known_sinks(self._group_info()):
             for event_id, raw in self._r.hgetall(_PREFIX + f"dead:{name}").items():
                 record = json.loads(raw)
                 letters.append({"sink": name, "event_id": event_id, **record})
         return sorted(letters, key=lambda letter: letter["failed"])
 
     def redeliver(self, sink: str | None = None, event_id: str | None = None) -> int:
-        """Put dead letters back in line: a new stream entry addressed to their own sink only."""
+        """Put dead letters back in line: a new stream entry addressed to their own sink only, for
+        sinks this process has (the others' letters are kept). Each letter is claimed atomically
+        (a script: HDEL, and XADD only if it removed the letter)."""
         moved = 0
-        for letter in self.dead_letters(sink):
-            if event_id and letter["event_id"] != event_id:
+        for name in self.sinks:
+            if sink not in (None, name):
                 continue
-            pipe = self._r.pipeline(transaction=True)
-            pipe.xadd(self._stream, {"e": _dumps(letter["event"]), "s": letter["sink"]})
-            pipe.hdel(_PREFIX + f"dead:{letter['sink']}", letter["event_id"])
-            pipe.execute()
-            moved += 1
+            for letter in self.dead_letters(name):
+                if event_id and letter["event_id"] != event_id:
+                    continue
+                moved += int(
+                    self._redeliver_script(
+                        keys=[self._stream, _PREFIX + f"dead:{name}"],
+                        args=[letter["event_id"], _dumps(letter["event"]), name],
+                    )
+                )
         return moved
+
+    def purge(self, sink: str, dead_letters_only: bool = False) -> tuple[int, int]:
+        """Drop ``sink``'s dead letters and (unless ``dead_letters_only``) its undelivered entries, on
+        purpose, counted as dropped. The group stays (moved to the end of the stream, its pending
+        entries acknowledged): a host that still has the sink carries on from there."""
+        letters = int(self._purge_dead_script(keys=[_PREFIX + f"dead:{sink}", _PREFIX + "dropped"], args=[sink]))
+        group = self._group_info().get(sink)
+        if dead_letters_only or group is None:
+            return 0, letters
+        cut = self._r.xinfo_stream(self._stream)["last-generated-id"]
+        events = self._unread_for(sink, group["last-delivered-id"], cut)
+        self._r.xgroup_setid(self._stream, sink, cut)
+        while True:
+            held = self._r.xpending_range(self._stream, sink, min="-", max=cut, count=1000)
+            if not held:
+                break
+            refs = [p["message_id"] for p in held]
+            self.ack(sink, refs)
+            events += len(refs)
+        if events:
+            self._count_dropped({sink: events})
+        return events, letters
 
     def check_file(self) -> int:
         return 0  # no local file: the events live in Redis

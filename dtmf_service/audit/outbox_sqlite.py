@@ -23,21 +23,25 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from dtmf_service.audit.event import AuditEvent
 from dtmf_service.audit.journal import FINAL, INTENT, Journal, JournalFull, Ticket, recover_orphans, waiting_in
-from dtmf_service.audit.outbox import Claimed, SinkBacklog
+from dtmf_service.audit.outbox import Claimed, OutboxMissing, SinkBacklog, routed, unrouted
 from dtmf_service.processes import pid_alive
 from dtmf_service.sqlite_wal import BUSY_PATIENCE_S, initialise, retry_busy
 
 log = logging.getLogger("dtmf_service.audit")
 
 _SCHEMA = (
+    # ``sinks``: the JSON list of sinks the event goes to, fixed when it is written (by the process
+    # that answered). NULL only in rows of an earlier version, which fan out through ``sinks`` (the
+    # table that version rewrote at each start; this one never writes it).
     "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL,"
-    " created REAL NOT NULL, body TEXT NOT NULL, only_sink TEXT)",
+    " created REAL NOT NULL, body TEXT NOT NULL, only_sink TEXT, sinks TEXT)",
     # Keyed by event first: a new event's rows land on the one page at the tail, and "is anything left
     # for this event" needs no second index. The claim token is indexed only while it is set.
     "CREATE TABLE IF NOT EXISTS pending (event INTEGER NOT NULL, sink TEXT NOT NULL,"
@@ -49,15 +53,18 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS pending_sink ON pending (sink, event, next_try, lease_until)",
     "CREATE TABLE IF NOT EXISTS sinks (name TEXT PRIMARY KEY)",
     "CREATE TABLE IF NOT EXISTS intents (event_id TEXT PRIMARY KEY, pid INTEGER NOT NULL,"
-    " lease_until REAL NOT NULL, body TEXT NOT NULL) WITHOUT ROWID",
+    " lease_until REAL NOT NULL, body TEXT NOT NULL, sinks TEXT) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS dead_letters (sink TEXT NOT NULL, event_id TEXT NOT NULL, failed REAL NOT NULL,"
     " reason TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (sink, event_id))",
     "CREATE TABLE IF NOT EXISTS dropped (sink TEXT PRIMARY KEY, count INTEGER NOT NULL)",
     # Every write is one statement: the triggers do the rest inside it, so SQLite's write lock is held
     # only within one C call, never across a GIL hand-off between Python statements.
-    "CREATE TRIGGER IF NOT EXISTS events_fan_out AFTER INSERT ON events BEGIN"
+    # An event fans out to the sinks it carries. (``events_fan_out``, an earlier version's trigger that
+    # read the shared ``sinks`` table only, is replaced by ``_migrate``.)
+    "CREATE TRIGGER IF NOT EXISTS events_routed AFTER INSERT ON events BEGIN"
+    " INSERT INTO pending (event, sink) SELECT NEW.id, value FROM json_each(NEW.sinks) WHERE NEW.sinks IS NOT NULL;"
     " INSERT INTO pending (event, sink) SELECT NEW.id, name FROM sinks"
-    " WHERE NEW.only_sink IS NULL OR name = NEW.only_sink;"
+    " WHERE NEW.sinks IS NULL AND (NEW.only_sink IS NULL OR name = NEW.only_sink);"
     " DELETE FROM intents WHERE event_id = NEW.event_id; END",
     "CREATE TRIGGER IF NOT EXISTS events_settled AFTER DELETE ON pending"
     " WHEN NOT EXISTS (SELECT 1 FROM pending WHERE event = OLD.event) BEGIN"
@@ -102,47 +109,84 @@ def _dumps(event: Mapping[str, Any]) -> str:
     return json.dumps(event, separators=(",", ":"))
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """The routing columns and triggers. A file of an earlier version keeps its pending events and
+    gains the columns (CREATE ... IF NOT EXISTS adds none) in one transaction with the trigger
+    swap: no event is inserted between the old trigger's removal and the new one's creation."""
+
+    def current() -> bool:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+        return (
+            "events_fan_out" not in names
+            and {"events_routed", "events_settled"} <= names
+            and all("sinks" in {row[1] for row in db.execute(f"PRAGMA table_info({t})")} for t in ("events", "intents"))
+        )
+
+    if current():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not current():
+            for table in ("events", "intents"):
+                if "sinks" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN sinks TEXT")
+            db.execute("DROP TRIGGER IF EXISTS events_fan_out")
+            for statement in _SCHEMA:
+                if "CREATE TRIGGER" in statement:
+                    db.execute(statement)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 class SqliteOutbox:
     """The host's outbox: one SQLite file in WAL mode, shared by every worker of every master."""
 
-    def __init__(self, path: str, sinks: Iterable[str], max_bytes: int, fsync: bool = False) -> None:
+    def __init__(
+        self, path: str, sinks: Iterable[str], max_bytes: int, fsync: bool = False, operator: bool = False
+    ) -> None:
         self.path = path
         self.sinks = tuple(sinks)
+        # Every event this process writes goes to these sinks, whoever else uses the file.
+        self._route = json.dumps(list(self.sinks), separators=(",", ":"))
         self.max_bytes = max_bytes
         self._wal_cap = min(max(max_bytes // 10, 64 * 1024), _WAL_CAP_MAX)
         self._reclaiming = False  # giving space back after a drain, a little each maintenance round
+        self.operator = operator
         self._synchronous = "FULL" if fsync else "NORMAL"
         directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not os.path.exists(path):
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # digits may be in events: owner only
+        if operator:
+            # The CLI: the service's file or nothing; no directory, file, schema or journal is made.
+            if not os.path.isfile(path):
+                raise OutboxMissing(os.path.abspath(path))
+        else:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            if not os.path.exists(path):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # digits may be in events: owner only
         self._local = threading.local()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._generation = 0  # bumped by close(): every thread then opens a fresh connection
-        self._initialise()
+        if not operator:
+            self._initialise()
         self._inode = os.stat(path).st_ino
         # A connection opened with the file and kept: if the file is deleted at run time, this one
         # still reads it (and its WAL), so check_file() can move what it holds into a new one.
-        self._anchor: tuple[int, sqlite3.Connection] = (os.getpid(), _anchor(path))
+        anchor = _existing(path, "ro") if operator else _anchor(path)
+        self._anchor: tuple[int, sqlite3.Connection] = (os.getpid(), anchor)
         self._migrate_lock = threading.Lock()  # the writer's batches versus moving to a new file
         self._fsync = fsync
         # The journal may spill as far as the spool bound while the outbox cannot take its events.
         self._journal = Journal(os.path.join(directory, "journals"), spill_max_bytes=max_bytes)
         self._writer = _GroupCommit(self)
-        if self.sinks:
-            # The sinks every new event fans out to: those of the process that started last. A worker
-            # starting while another process holds the file (an operator's sqlite3 session, a backup)
-            # must still boot: the list stays as the previous process left it.
-            try:
-                self._transaction(lambda db: self._set_sinks(db), patience_s=0.5)
-            except sqlite3.OperationalError as exc:
-                log.warning("audit outbox %s: sink list not updated (%s)", path, exc)
 
     # -- connections ---------------------------------------------------------------------------
     def _initialise(self) -> None:
         def schema(db: sqlite3.Connection) -> None:
             for statement in _SCHEMA:
-                db.execute(statement)
+                if "CREATE TRIGGER" not in statement:
+                    db.execute(statement)
+            _migrate(db)
             _add_counters(db)
 
         _prefer_incremental_vacuum(self.path)
@@ -155,7 +199,12 @@ class SqliteOutbox:
         if db is None or getattr(self._local, "owner", None) != owner:
             # No busy timeout: retry_busy waits half a millisecond at a time instead of SQLite's
             # sleeps of several milliseconds.
-            db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+            if self.operator:
+                # The CLI reads through a read-only connection that cannot create the file; its few
+                # writes (redeliver, purge) open their own (``_transaction``).
+                db = _existing(self.path, "ro")
+            else:
+                db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             # The same few tail pages change with every write: checkpoint them less often (a WAL of up
             # to a tenth of the bound, 40 MiB at most), and cut the WAL back to that size afterwards.
@@ -165,25 +214,25 @@ class SqliteOutbox:
             self._connections.append((os.getpid(), db))
         return db
 
-    def _set_sinks(self, db: sqlite3.Connection) -> None:
-        db.execute("DELETE FROM sinks")
-        db.executemany("INSERT INTO sinks VALUES (?)", [(sink,) for sink in self.sinks])
-
     def _execute(self, sql: str, params: Sequence[Any] = (), patience_s: float = BUSY_PATIENCE_S) -> sqlite3.Cursor:
         """One statement, atomic on its own (autocommit), retried while another writer holds the lock."""
         db = self._db()
         return retry_busy(lambda: db.execute(sql, params), patience_s)
 
     def _transaction(self, work: Any, patience_s: float = BUSY_PATIENCE_S) -> Any:
-        db = self._db()
-        retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), patience_s)
+        db = _existing(self.path, "rw") if self.operator else self._db()
         try:
-            result = work(db)
-            db.execute("COMMIT")
-            return result
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            retry_busy(lambda: db.execute("BEGIN IMMEDIATE"), patience_s)
+            try:
+                result = work(db)
+                db.execute("COMMIT")
+                return result
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            if self.operator:
+                db.close()
 
     # -- request path --------------------------------------------------------------------------
     def intend(self, event: Mapping[str, Any], lease_s: float) -> Ticket | None:
@@ -195,25 +244,25 @@ class SqliteOutbox:
             slot = None
         if slot is not None:
             try:
-                self._journal.write(slot, INTENT, body.encode())
+                self._journal.write(slot, INTENT, routed(body, self.sinks))
                 if self._fsync:
                     self._journal.sync()
                 return slot
             except JournalFull:
                 self._journal.release(slot)
         # No journal at all (it could not be made, or its spill reached the bound): SQLite directly.
-        self._write_now(_Write("intent", (event["event_id"], os.getpid(), time.time() + lease_s, body)))
+        self._write_now(_Write("intent", (event["event_id"], os.getpid(), time.time() + lease_s, body, self._route)))
         return None
 
     def commit(self, event: Mapping[str, Any], ticket: Ticket | None = None) -> None:
         """The final event, durable before this returns (in the journal); the writer thread moves it
         into SQLite in the background. Without a journal, through SQLite, waiting for it briefly."""
-        row = (event["event_id"], time.time(), _dumps(event))
+        row = (event["event_id"], time.time(), _dumps(event), self._route)
         slot = ticket
         try:
             if slot is None:
                 slot = self._journal.acquire()
-            self._journal.write(slot, FINAL, row[2].encode())
+            self._journal.write(slot, FINAL, routed(row[2], self.sinks))
         except JournalFull:
             if slot is not None:
                 self._journal.release(slot)
@@ -242,35 +291,43 @@ class SqliteOutbox:
         for start in range(0, len(intents), _ROWS_PER_STATEMENT):
             chunk = intents[start : start + _ROWS_PER_STATEMENT]
             self._execute(
-                "INSERT OR REPLACE INTO intents VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk)),  # noqa: S608 - markers only
+                "INSERT OR REPLACE INTO intents VALUES " + ",".join(["(?, ?, ?, ?, ?)"] * len(chunk)),  # noqa: S608 - markers only
                 [value for row in chunk for value in row],
                 patience_s,
             )
         for start in range(0, len(events), _ROWS_PER_STATEMENT):
             chunk = events[start : start + _ROWS_PER_STATEMENT]
             self._execute(
-                "INSERT INTO events (event_id, created, body) VALUES "  # noqa: S608 - "?" markers only
-                + ",".join(["(?, ?, ?)"] * len(chunk)),
+                "INSERT INTO events (event_id, created, body, sinks) VALUES "  # noqa: S608 - "?" markers only
+                + ",".join(["(?, ?, ?, ?)"] * len(chunk)),
                 [value for row in chunk for value in row],
                 patience_s,
             )
 
     @staticmethod
-    def _insert(db: sqlite3.Connection, event_id: str, body: str, only_sink: str | None = None) -> None:
+    def _insert(db: sqlite3.Connection, event_id: str, body: str, sinks: str, created: float | None = None) -> None:
+        """One event for ``sinks`` (a JSON list)."""
         db.execute(
-            "INSERT INTO events (event_id, created, body, only_sink) VALUES (?, ?, ?, ?)",
-            (event_id, time.time(), body, only_sink),
+            "INSERT INTO events (event_id, created, body, sinks) VALUES (?, ?, ?, ?)",
+            (event_id, time.time() if created is None else created, body, sinks),
         )
+
+    def _route_of(self, sinks: Sequence[str] | None) -> str:
+        """The JSON sink list an event recovered from a journal goes to: its own (fixed by the
+        process that answered), or, for an earlier version's journal, this process's sinks."""
+        return self._route if sinks is None else json.dumps(list(sinks), separators=(",", ":"))
 
     def _move_orphans(self, entries: list[tuple[int, bytes]]) -> None:
         """A dead process's journal slots into the outbox: placeholders as ``submission_unknown``."""
 
         def move(db: sqlite3.Connection) -> None:
             for state, payload in entries:
-                event = json.loads(payload)
+                body, sinks = unrouted(payload)
+                event = json.loads(body)
                 if state == INTENT:
                     event["recovered"] = True
-                self._insert(db, event["event_id"], _dumps(event))
+                    body = _dumps(event)
+                self._insert(db, event["event_id"], body, self._route_of(sinks))
 
         # Briefly: while another process holds the file the journal stays where it is, for the next round.
         self._transaction(move, patience_s=_WRITER_PATIENCE_S)
@@ -298,12 +355,12 @@ class SqliteOutbox:
         for event_id in orphans:
 
             def move(db: sqlite3.Connection, event_id: str = event_id) -> bool:
-                found = db.execute("DELETE FROM intents WHERE event_id=? RETURNING body", (event_id,)).fetchone()
+                found = db.execute("DELETE FROM intents WHERE event_id=? RETURNING body, sinks", (event_id,)).fetchone()
                 if found is None:
                     return False  # another process recovered it first
                 event = json.loads(found[0])
                 event["recovered"] = True
-                self._insert(db, event_id, _dumps(event))
+                self._insert(db, event_id, _dumps(event), found[1] or self._route)
                 return True
 
             recovered += bool(self._transaction(move))
@@ -352,12 +409,8 @@ class SqliteOutbox:
                     dropped = old.execute("SELECT * FROM dropped").fetchall() if found is None else []
                 finally:
                     old.execute("COMMIT")
-                self._set_sinks(db)
-                for _id, event_id, created, body, sink in pending:
-                    db.execute(
-                        "INSERT INTO events (event_id, created, body, only_sink) VALUES (?, ?, ?, ?)",
-                        (event_id, created, body, sink),
-                    )
+                for _id, event_id, created, body, sink in pending:  # each for the sink it was waiting for
+                    self._insert(db, event_id, body, self._route_of([sink]), created)
                 db.executemany("INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?)", dead)
                 db.executemany(
                     "INSERT INTO dropped VALUES (?, ?) ON CONFLICT(sink) DO UPDATE SET count=count+excluded.count",
@@ -398,7 +451,7 @@ class SqliteOutbox:
 
             def move(db: sqlite3.Connection, events: list[dict[str, Any]] = events, sink: str = sink) -> None:
                 for event in events:
-                    self._insert(db, event["event_id"], _dumps(event), only_sink=sink)
+                    self._insert(db, event["event_id"], _dumps(event), self._route_of([sink]))
 
             self._transaction(move)
             os.unlink(segment)
@@ -553,6 +606,7 @@ class SqliteOutbox:
                 round(max(now - created, 0.0), 3) if created is not None else None,
                 dead.get(sink, 0),
                 dropped.get(sink, 0),
+                configured=sink in self.sinks,
             )
         return result
 
@@ -563,23 +617,44 @@ class SqliteOutbox:
         return [{"sink": s, "event_id": e, "failed": f, "reason": r, "event": json.loads(b)} for s, e, f, r, b in rows]
 
     def redeliver(self, sink: str | None = None, event_id: str | None = None) -> int:
-        """Put dead letters back in line, for their own sink only."""
+        """Put dead letters back in line, each for its own sink only, and only for sinks this
+        process has (the others' letters are kept). The letter is claimed by deleting it in the
+        same write transaction that queues it: two operators at once never queue one twice."""
+        wanted = [name for name in self.sinks if sink in (None, name)]
+        if not wanted:
+            return 0
 
         def move(db: sqlite3.Connection) -> int:
-            clauses, params = [], []
-            if sink:
-                clauses.append("sink=?")
-                params.append(sink)
+            clauses, params = [f"sink IN ({','.join('?' * len(wanted))})"], list(wanted)
             if event_id:
                 clauses.append("event_id=?")
                 params.append(event_id)
-            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-            rows = db.execute(f"DELETE FROM dead_letters{where} RETURNING sink, event_id, body", params).fetchall()  # noqa: S608
+            rows = db.execute(
+                f"DELETE FROM dead_letters WHERE {' AND '.join(clauses)} RETURNING sink, event_id, body",  # noqa: S608
+                params,
+            ).fetchall()
             for row_sink, row_event_id, body in rows:
-                self._insert(db, row_event_id, body, only_sink=row_sink)
+                self._insert(db, row_event_id, body, self._route_of([row_sink]))
             return len(rows)
 
-        return self._transaction(move)
+        return int(self._transaction(move))
+
+    def purge(self, sink: str, dead_letters_only: bool = False) -> tuple[int, int]:
+        """Drop ``sink``'s undelivered events (unless ``dead_letters_only``) and its dead letters, on
+        purpose, counted as dropped (an event other sinks still wait for stays for them)."""
+
+        def drop(db: sqlite3.Connection) -> tuple[int, int]:
+            events = 0 if dead_letters_only else db.execute("DELETE FROM pending WHERE sink=?", (sink,)).rowcount
+            letters = db.execute("DELETE FROM dead_letters WHERE sink=?", (sink,)).rowcount
+            if events + letters:
+                db.execute(
+                    "INSERT INTO dropped VALUES (?, ?) ON CONFLICT(sink) DO UPDATE SET count=count+excluded.count",
+                    (sink, events + letters),
+                )
+            return events, letters
+
+        events, letters = self._transaction(drop)
+        return int(events), int(letters)
 
     def close(self) -> None:
         """Move what the journal still holds into SQLite, then close this process's connections
@@ -671,6 +746,12 @@ _EAGER_BATCH = 64
 _ROWS_PER_STATEMENT = 25
 _DIRECT_WAIT_S = 0.05  # the most a request waits on SQLite itself (only when the journal cannot take an event)
 _WRITER_PATIENCE_S = 0.5  # the writer's spin on a locked file before it sleeps and tries again
+
+
+def _existing(path: str, mode: str) -> sqlite3.Connection:
+    """A connection to the file at ``path`` that never creates it (``mode`` ro or rw)."""
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode={mode}"
+    return sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
 
 
 def _anchor(path: str) -> sqlite3.Connection:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from dtmf_service.audit.outbox_sqlite import SqliteOutbox
 from tests.conftest import VALID
 from tests.helpers import ROOT, WebhookReceiver, wait_until
 from tests.integration.conftest import dialect_env
@@ -76,6 +77,7 @@ def test_status_dead_letters_and_redeliver_while_the_service_runs(tmp_path, gate
 
 def test_the_same_commands_run_under_flask(gateway_env, tmp_path):
     env = {**gateway_env, "DTMF_AUDIT_SINKS": "file", "DTMF_AUDIT_FILE_PATH": str(tmp_path / "a.jsonl")}
+    SqliteOutbox(os.path.join(env["DTMF_AUDIT_SPOOL_DIR"], "outbox.db"), ("file",), 1 << 20).close()  # the service's
     flask = str(Path(sys.executable).parent / "flask")
     done = subprocess.run(
         [flask, "--app", "app", "dtmf", "audit", "status", "--json"],
