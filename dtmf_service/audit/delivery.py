@@ -243,7 +243,9 @@ class DeliveryEngine:
         deadline = time.monotonic() + timeout_s
         self.outbox.flush(timeout_s)  # this process's journal into the outbox first
         while time.monotonic() < deadline:
-            if all(b.pending == 0 for b in self.outbox.backlog().values()):
+            # A sink this process does not have (removed from the configuration) waits for its
+            # return or a purge: nothing here will deliver it.
+            if all(b.pending == 0 for b in self.outbox.backlog().values() if b.configured):
                 return True
             time.sleep(0.02)
         return False
