@@ -67,10 +67,10 @@ class JournalFull(Exception):
 class _Spill:
     """One append-only spill file and how many of its events still wait for the outbox."""
 
-    __slots__ = ("path", "fd", "size", "waiting", "sealed")
+    __slots__ = ("path", "fd", "size", "waiting", "sealed", "closed")
 
     def __init__(self, path: str, fd: int) -> None:
-        self.path, self.fd, self.size, self.waiting, self.sealed = path, fd, 0, 0, False
+        self.path, self.fd, self.size, self.waiting, self.sealed, self.closed = path, fd, 0, 0, False, False
 
 
 class SpillTicket:
@@ -133,6 +133,9 @@ class Journal:
         self._gave_up = False  # the journal could not be made in this process
         self._finals = bytearray(slots)  # which slots hold a final event (it waits for the outbox)
         self._waiting = 0
+        # Tickets of the current journal are base..base+slots-1: a ticket of a journal closed since
+        # (the writer freeing a moved event late) never touches a slot of the next one.
+        self._base = self._next_base = 0
         self.path = ""
 
     def _open(self) -> None:
@@ -151,6 +154,7 @@ class Journal:
             raise JournalFull(f"cannot map a journal ({exc.strerror})") from None
         self.path = os.path.join(self.directory, name)
         self._fd = fd
+        self._base, self._next_base = self._next_base, self._next_base + self.slots
         self._free = list(range(self.slots - 1, -1, -1))
         self._halves = bytearray(self.slots)
         self._finals = bytearray(self.slots)
@@ -191,7 +195,7 @@ class Journal:
             if self._map is None:
                 raise JournalFull("no journal in this process")
             if self._free:
-                return self._free.pop()
+                return self._base + self._free.pop()
             spill = self._spill_target()
             spill.waiting += 1
             return SpillTicket(spill)
@@ -213,6 +217,17 @@ class Journal:
         self._spills.append(spill)
         return spill
 
+    def current(self, ticket: Ticket) -> bool:
+        """Whether ``ticket`` belongs to this process's open journal (not to one closed since)."""
+        with self._lock:
+            if isinstance(ticket, SpillTicket):
+                return not ticket.spill.closed
+            return self._local(ticket) is not None
+
+    def _local(self, ticket: int) -> int | None:
+        slot = ticket - self._base
+        return slot if self._map is not None and 0 <= slot < self.slots else None
+
     def write(self, slot: Ticket, state: int, payload: bytes) -> None:
         """Copy ``payload`` into the slot's other half (or append it to the spill file); once this
         returns it survives the process."""
@@ -227,7 +242,10 @@ class Journal:
             raise JournalFull("the event does not fit a journal slot")
         crc = zlib.crc32(payload)
         with self._lock:  # held across the copy: ensure_file() may swap the map underneath
-            assert self._map is not None  # noqa: S101 - close() never unmaps while a slot is taken
+            ticket, local = slot, self._local(slot)
+            if local is None or self._map is None:
+                raise JournalFull(f"journal slot {ticket} was closed")  # close() keeps it while in flight
+            slot = local
             self._sequence += 1
             sequence = self._sequence
             half = self._halves[slot]
@@ -242,6 +260,8 @@ class Journal:
 
     def _append(self, spill: _Spill, state: int, payload: bytes) -> None:
         with self._lock:
+            if spill.closed:
+                raise JournalFull("the spill file was closed")
             self._sequence += 1
             record = _HEAD.pack(_MAGIC, state, self._sequence, len(payload), zlib.crc32(payload)) + payload
             try:
@@ -257,9 +277,11 @@ class Journal:
         if isinstance(slot, SpillTicket):
             self._release_spill(slot)
             return
-        base = slot * _SLOT
         with self._lock:
-            assert self._map is not None  # noqa: S101 - close() never unmaps while a slot is taken
+            local = self._local(slot)
+            if local is None or self._map is None:
+                return  # its journal was closed: left on disk, another process takes it over
+            slot, base = local, local * _SLOT
             self._map[base : base + _HEAD.size] = b"\0" * _HEAD.size
             self._map[base + _HALF : base + _HALF + _HEAD.size] = b"\0" * _HEAD.size
             if self._finals[slot]:
@@ -270,13 +292,15 @@ class Journal:
     def _release_spill(self, ticket: SpillTicket) -> None:
         spill = ticket.spill
         with self._lock:
+            if spill.closed:
+                return  # closed with the journal: left on disk, another process takes it over
             if ticket.final:
                 ticket.final = False
                 self._count(-1)
             spill.waiting -= 1
             if spill.waiting:
                 return
-            if spill.sealed or self._map is None:
+            if spill.sealed:
                 _unlink(spill.path)  # nothing in it waits any more: gone, lock and all
                 os.close(spill.fd)
                 self._spills.remove(spill)
@@ -315,21 +339,27 @@ class Journal:
                     os.fdatasync(spill.fd)
 
     def close(self, remove: bool) -> None:
-        """Unmap and close, when no event of this process waits in the journal any more. One that
-        still holds events (a request thread still running, the outbox not reachable) stays mapped,
-        so a late writer still writes; what is left is taken over once the process is gone. A write
-        after this opens a new journal."""
+        """Unmap and close, unless a request of this process is still running (it holds a
+        placeholder without its final event): then the journal stays mapped, so that late writer
+        still writes (every way a worker stops), and what is left is taken over once the process is
+        gone. Final events still waiting for the outbox stay on disk for another process to take
+        over. A write after this opens a new journal."""
         with self._lock:
-            if self._map is None or self._pid != os.getpid() or self._in_use():
+            if self._map is None or self._pid != os.getpid():
+                return
+            in_use = self._in_use()
+            if in_use - self._waiting > 0:
                 return
             self._map.close()
             os.close(self._fd)
             self._map = None
             for spill in self._spills:
-                _unlink(spill.path)
+                spill.closed = True
                 os.close(spill.fd)
+                if not spill.waiting:
+                    _unlink(spill.path)
             self._spills = []
-            if remove:
+            if remove and not in_use:
                 _unlink(self.path)
 
 

@@ -805,6 +805,14 @@ class _GroupCommit:
                 if len(self._queue) < _EAGER_BATCH:
                     self._cond.wait(_LINGER_S)  # let a batch gather (a full batch cuts this short)
                 batch, self._queue = self._queue[:512], self._queue[512:]
+            journal = self._outbox._journal
+            stale = [item for item in batch if item.slot is not None and not journal.current(item.slot)]
+            if stale:
+                # Their journal was closed with them in it (the outbox closed while SQLite refused
+                # them): they are on disk for another process to take over, no longer this thread's.
+                batch = [item for item in batch if item not in stale]
+                with self._cond:
+                    self._busy -= len(stale)
             failed = self._write(batch)
             for item in batch:
                 if item.error is None and item.slot is not None:

@@ -211,3 +211,17 @@ def test_without_a_journal_a_locked_outbox_costs_a_caller_a_moment_not_seconds(t
     finally:
         holder.release()
     box.close()
+
+
+def test_a_ticket_of_a_closed_journal_never_frees_a_slot_of_the_next(tmp_path):
+    journal = Journal(str(tmp_path))
+    old = journal.acquire()
+    journal.write(old, FINAL, b'{"event_id":"e-1"}')
+    old_path = journal.path
+    journal.close(remove=True)  # only a final event waits (no request runs): closed, left on disk
+    assert list(read_slots(open(old_path, "rb").read())) == [(FINAL, b'{"event_id":"e-1"}')]
+    new = journal.acquire()  # a request after close(): a journal of its own
+    journal.write(new, INTENT, b'{"event_id":"e-2"}')
+    journal.release(old)  # the writer thread, late, after moving e-1
+    assert journal.path != old_path and journal.in_use() == 1
+    assert list(read_slots(open(journal.path, "rb").read())) == [(INTENT, b'{"event_id":"e-2"}')]
