@@ -24,9 +24,14 @@ $(TEST_STAMP): requirements-test.lock setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@ $(RUN_STAMP)
 
-LOCK := pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --all-build-deps \
+# pip-tools in a venv of its own (inside .venv, so `make clean` removes it), apart from what it pins.
+LOCK_TOOLS := $(VENV)/lock-tools
+LOCK := $(LOCK_TOOLS)/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --all-build-deps \
         --no-emit-index-url --no-emit-find-links
-lock:  ## re-pin requirements.lock and requirements-test.lock from setup.cfg (needs pip-tools on PATH)
+$(LOCK_TOOLS)/bin/pip-compile:
+	$(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/python -m pip install --quiet pip-tools
+lock: | $(LOCK_TOOLS)/bin/pip-compile  ## re-pin requirements.lock and requirements-test.lock after a setup.cfg change
 	$(LOCK) --output-file requirements.lock setup.cfg
 	$(LOCK) --extra test --output-file requirements-test.lock setup.cfg
 

@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -26,6 +27,7 @@ from tests.helpers import ROOT, child_pids, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 KEY = "deploy-test-key-0123456789abcdef"
+SECRET = "credential-value-never-in-environ"
 BARE = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
 
 
@@ -39,18 +41,26 @@ def installed(tmp_path, closed_port):
         "/var/log/dtmf-gateway": str(tmp_path / "log"),
         "/etc/dtmf-gateway": str(tmp_path / "etc"),
         "/opt/dtmf-gateway": str(ROOT),
+        "/run/credentials/dtmf-gateway.service": str(tmp_path / "credentials"),
     }
-    for name in ("run", "lib", "log", "etc"):
+    for name in ("run", "lib", "log", "etc", "credentials"):
         (tmp_path / name).mkdir(mode=0o700)
     (tmp_path / "etc" / "api-keys").write_text(KEY + "\n")
     port = free_port()
     lines = [
         line
         for line in mapped(readme_env_file(), paths).splitlines()
-        # Sandbox CXone, no remote syslog, no credentials (systemd is not here to load them).
+        # Sandbox CXone (its secret too), no remote syslog.
         if not line.startswith(("DTMF_CXONE_", "DTMF_AUDIT_SYSLOG", "DTMF_BIND=", "DTMF_AUDIT_SINKS="))
-        and not (line.split("=")[0].endswith("_FILE") and "API_KEYS" not in line)
     ]
+    # What LoadCredential= would have copied: one file per remaining _FILE key, a newline at the end
+    # as `base64` writes it.
+    for line in lines:
+        key, _, path = line.partition("=")
+        if key.endswith("_FILE") and key != "DTMF_API_KEYS_FILE":
+            assert path.startswith(str(tmp_path / "credentials")), line
+            Path(path).write_text(f"{SECRET}-{key}\n")
+            Path(path).chmod(0o400)
     lines += [
         f"DTMF_BIND=127.0.0.1:{port}",
         "DTMF_WORKERS=2",
@@ -60,7 +70,6 @@ def installed(tmp_path, closed_port):
         "DTMF_AUDIT_SINKS=file,webhook",
         f"DTMF_AUDIT_FILE_PATH={tmp_path / 'log' / 'audit' / 'audit.jsonl'}",
         f"DTMF_AUDIT_WEBHOOK_URL=http://127.0.0.1:{closed_port}/events",
-        "DTMF_IDEMPOTENCY_HASH_KEY='deploy test hash key, from a file in production'",
     ]
     env_file = tmp_path / "etc" / "env"
     env_file.write_text("\n".join(lines) + "\n")
@@ -122,6 +131,10 @@ def test_readme_cli_invocation_reaches_the_running_service_outbox(installed):
 
     rows = wait_until(lambda: (s := status())["file"]["pending"] == 0 and s, timeout=20, interval=0.3)
     assert rows["webhook"]["pending"] == 3  # the backlog the running service holds for the down sink
+    # The secrets came from credential files: none is in the processes' environment.
+    for pid in [proc.pid, *child_pids(proc.pid)]:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert SECRET.encode() not in environ and b"DTMF_IDEMPOTENCY_HASH_KEY_FILE=" in environ
 
 
 def test_pid_file_drives_readme_reload_and_stop(installed, tmp_path):
