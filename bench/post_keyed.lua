@@ -19,7 +19,8 @@ end
 
 function request()
   counter = counter + 1
-  return wrk.format(nil, nil, {["Idempotency-Key"] = prefix .. counter}, nil)
+  -- wrk.format replaces wrk.headers when given headers: Content-Type goes in again
+  return wrk.format(nil, nil, {["Content-Type"] = "application/json", ["Idempotency-Key"] = prefix .. counter}, nil)
 end
 
 function response(status, headers, body)
