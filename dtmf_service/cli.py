@@ -101,6 +101,8 @@ def audit_status(as_json: bool) -> None:
             "dead_letters": b.dead_letters,
             "dropped": b.dropped,
             "configured": b.configured,
+            "last_error": b.last_error,
+            "last_error_at": _rfc3339(b.last_error_at),
         }
         for sink, b in backlog.items()
     }
@@ -112,6 +114,9 @@ def audit_status(as_json: bool) -> None:
         oldest = f"{row['oldest_pending_s']:.1f} s" if row["oldest_pending_s"] is not None else "-"
         note = "" if row["configured"] else "  not configured (kept until it returns or audit purge)"
         click.echo(f"{sink:<12} {row['pending']:>8} {oldest:>10} {row['dead_letters']:>13} {row['dropped']:>8}{note}")
+    for sink, row in rows.items():
+        if row["last_error"]:
+            click.echo(f"last error of {sink} at {row['last_error_at']}: {row['last_error']}")
 
 
 @audit.command("dead-letters")

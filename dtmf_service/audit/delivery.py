@@ -31,6 +31,7 @@ from dtmf_service.pluginmanager import close_plugin
 log = logging.getLogger("dtmf_service.audit")
 
 _MAINTENANCE_S = 1.0
+_NOTE_EVERY_S = 5.0  # how often a sink that keeps failing the same way rewrites its last error
 _BOUND_CHECK_S = 5.0  # between size checks, unless the outbox says how often (``bound_check_s``)
 
 
@@ -49,6 +50,7 @@ class SinkDelivery:
         self._max_s = float(config["AUDIT_BACKOFF_MAX_S"])
         self._lease_s = float(config["AUDIT_LEASE_S"])
         self._reasons = FailureReasons.from_config(config)
+        self._noted: tuple[str, float] = ("", float("-inf"))  # the last error kept in the outbox, and when
         self._down_level = 0
         self._down_until = 0.0
 
@@ -134,7 +136,17 @@ class SinkDelivery:
         return delay
 
     def _log_failure(self, exc: BaseException) -> None:
-        log.warning("audit sink %s: delivery failed: %s", self.name, self._reasons.describe(exc))
+        reason = self._reasons.describe(exc)
+        log.warning("audit sink %s: delivery failed: %s", self.name, reason)
+        now = time.monotonic()
+        # The sink's last error for `audit status`, written at most every few seconds while a sink
+        # stays down with the same error: one small row, never a write per failed attempt.
+        if reason != self._noted[0] or now - self._noted[1] >= _NOTE_EVERY_S:
+            self._noted = (reason, now)
+            try:
+                self.outbox.note_failure(self.name, reason)
+            except Exception as error:  # noqa: BLE001 - the reason is already in the log
+                log.debug("audit sink %s: could not keep the last error (%s)", self.name, type(error).__name__)
 
 
 class DeliveryEngine:

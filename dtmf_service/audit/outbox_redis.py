@@ -188,6 +188,9 @@ class RedisOutbox:
         idle_ms = max(int((self._lease_s - delay_s) * 1000), 0)
         self._r.xclaim(self._stream, sink, "retry", 0, list(refs), idle=idle_ms, justid=True)
 
+    def note_failure(self, sink: str, reason: str) -> None:
+        self._r.hset(_PREFIX + "last_error", sink, json.dumps({"at": time.time(), "reason": reason[:500]}))
+
     def dead_letter(self, sink: str, claimed: Claimed, reason: str) -> None:
         record = {"failed": time.time(), "reason": reason[:500], "event": claimed.event}
         pipe = self._r.pipeline(transaction=True)
@@ -254,6 +257,7 @@ class RedisOutbox:
         self._groups()
         groups = self._group_info()
         dropped = self._r.hgetall(_PREFIX + "dropped")
+        errors = {sink: json.loads(text) for sink, text in self._r.hgetall(_PREFIX + "last_error").items()}
         now_ms = time.time() * 1000
         result = {}
         for sink in self._known_sinks(groups):
@@ -279,6 +283,8 @@ class RedisOutbox:
                 int(self._r.hlen(_PREFIX + f"dead:{sink}")),
                 int(dropped.get(sink, 0)),
                 configured=configured,
+                last_error=errors.get(sink, {}).get("reason"),
+                last_error_at=errors.get(sink, {}).get("at"),
             )
         return result
 

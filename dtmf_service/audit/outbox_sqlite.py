@@ -57,6 +57,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS dead_letters (sink TEXT NOT NULL, event_id TEXT NOT NULL, failed REAL NOT NULL,"
     " reason TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (sink, event_id))",
     "CREATE TABLE IF NOT EXISTS dropped (sink TEXT PRIMARY KEY, count INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS sink_errors (sink TEXT PRIMARY KEY, at REAL NOT NULL, reason TEXT NOT NULL)",
     # Every write is one statement: the triggers do the rest inside it, so SQLite's write lock is held
     # only within one C call, never across a GIL hand-off between Python statements.
     # An event fans out to the sinks it carries. (``events_fan_out``, an earlier version's trigger that
@@ -514,6 +515,9 @@ class SqliteOutbox:
 
         self._transaction(move)
 
+    def note_failure(self, sink: str, reason: str) -> None:
+        self._execute("INSERT OR REPLACE INTO sink_errors VALUES (?, ?, ?)", (sink, time.time(), reason[:500]))
+
     bound_check_s = 0.25  # how often the maintenance thread calls enforce_bound: a few stat calls
 
     def disk_bytes(self) -> int:
@@ -593,6 +597,10 @@ class SqliteOutbox:
             pending[sink] = (count, created[0] if created else None)
         dead = dict(db.execute("SELECT sink, count(*) FROM dead_letters GROUP BY sink").fetchall())
         dropped = dict(db.execute("SELECT sink, count FROM dropped").fetchall())
+        try:
+            errors = {sink: (at, reason) for sink, at, reason in db.execute("SELECT sink, at, reason FROM sink_errors")}
+        except sqlite3.OperationalError:  # an earlier version's file, opened read-only by the CLI
+            errors = {}
         # Events in the host's journals (the outbox locked, slow or full) are pending too.
         waiting = waiting_in(self._journal.directory)
         for sink in self.sinks if waiting else ():
@@ -607,6 +615,8 @@ class SqliteOutbox:
                 dead.get(sink, 0),
                 dropped.get(sink, 0),
                 configured=sink in self.sinks,
+                last_error=errors[sink][1] if sink in errors else None,
+                last_error_at=errors[sink][0] if sink in errors else None,
             )
         return result
 

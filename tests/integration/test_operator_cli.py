@@ -63,8 +63,13 @@ def test_status_dead_letters_and_redeliver_while_the_service_runs(tmp_path, gate
         (letter,) = [json.loads(line) for line in listed.stdout.splitlines()]
         assert letter["event"]["interaction_id"] == "poison-1"
         assert letter["event"]["digits"] == "****" and "4821" not in listed.stdout  # as AUDIT_DIGITS allows
+        # Why it failed, with the receiver's HTTP status (CONTRACT.md section 7, rev 3).
+        assert letter["reason"] == "refused by the receiver: DeliveryRejected: webhook refused the event (HTTP 400)"
+        assert status()["last_error"] == "DeliveryRejected: webhook refused the event (HTTP 400)"
+        assert status()["last_error_at"].endswith("Z") or "+00:00" in status()["last_error_at"]
         table = run(env, "audit", "status")
         assert table.returncode == 0 and "webhook" in table.stdout
+        assert "last error of webhook at " in table.stdout and "(HTTP 400)" in table.stdout
         webhook.reject_if = None  # the receiver is fixed
         again = run(env, "audit", "redeliver", "--sink", "webhook", "--event-id", letter["event_id"])
         assert again.returncode == 0 and "1 dead letter(s) back in line" in again.stdout

@@ -64,6 +64,9 @@ def test_a_webhook_refusal_keeps_its_http_status_in_the_log_and_the_dead_letter(
         assert any("delivery failed: DeliveryRejected: webhook refused the event (HTTP 400)" in r.getMessage()
                    for r in caplog.records)  # fmt: skip
         assert receiver.ids() == [good["event_id"]]
+        backlog = box.backlog()["webhook"]  # what `audit status` shows as the sink's last error
+        assert backlog.last_error == "DeliveryRejected: webhook refused the event (HTTP 400)"
+        assert backlog.last_error_at is not None
         box.close()
     finally:
         receiver.stop()
