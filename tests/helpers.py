@@ -269,6 +269,7 @@ class RedisServer:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.data_dir = data_dir
+        self.extra: list[str] = []  # more redis-server options (--replicaof ...)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
@@ -276,7 +277,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
-             "--dir", str(self.data_dir)],
+             "--dir", str(self.data_dir), *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -340,3 +341,78 @@ class SqliteLockHolder:
             self.proc.stdin.write(b"done\n")
             self.proc.stdin.flush()
             self.proc.wait(10)
+
+
+class RedisSentinelTrio:
+    """A real Redis Sentinel set-up on loopback: a master, a replica and three redis-sentinel
+    processes (quorum 2), each on its own free port with its own directory; fails over within a
+    couple of seconds once the master is killed."""
+
+    BINARY = shutil.which("redis-sentinel")
+    SERVICE = "dtmf"
+
+    def __init__(self, data_dir: Path) -> None:
+        (data_dir / "master").mkdir(parents=True)
+        (data_dir / "replica").mkdir()
+        self.master = RedisServer(data_dir / "master")
+        self.replica = RedisServer(data_dir / "replica")
+        self.master.extra = self.replica.extra = ["--repl-diskless-sync-delay", "0"]  # no 5 s wait to sync
+        self.replica.extra = [*self.replica.extra, "--replicaof", "127.0.0.1", str(self.master.port)]
+        self.data_dir = data_dir
+        self.ports = [free_port() for _ in range(3)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        self.url = f"redis+sentinel://{hosts}/{self.SERVICE}/0"
+
+    def start(self) -> RedisSentinelTrio:
+        assert self.BINARY is not None
+        self.master.start()
+        self.replica.start()
+        for index, port in enumerate(self.ports):
+            directory = self.data_dir / f"sentinel-{index}"
+            directory.mkdir()
+            conf = directory / "sentinel.conf"  # sentinel rewrites its file: one each, writable
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} 500\n"
+                f"sentinel failover-timeout {self.SERVICE} 2000\n"
+            )
+            with open(directory / "log", "wb") as log:  # the child keeps its own copy of the descriptor
+                self.procs.append(subprocess.Popen([self.BINARY, str(conf)], stdout=log, stderr=subprocess.STDOUT))
+        wait_until(lambda: self.master_port() == self.master.port and self._replica_attached(), timeout=15)
+        return self
+
+    @staticmethod
+    def master_binary() -> str | None:
+        return RedisServer.BINARY
+
+    def master_port(self) -> int | None:
+        import redis
+
+        for port in self.ports:
+            try:
+                address = redis.Redis(port=port, socket_timeout=1).sentinel_get_master_addr_by_name(self.SERVICE)
+            except redis.RedisError:
+                continue
+            if address:
+                return int(address[1])
+        return None
+
+    def _replica_attached(self) -> bool:
+        import redis
+
+        try:
+            return (
+                redis.Redis(port=self.replica.port, socket_timeout=1).info("replication")["master_link_status"] == "up"
+            )
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(5)
+        self.replica.stop()
+        self.master.stop()

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dtmf_service.config import ConfigError
+from dtmf_service.redis_client import is_redis_url
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,13 @@ def open_outbox(config: Mapping[str, Any], sinks: Iterable[str], operator: bool 
         path = url[len("sqlite:///") :]
         fsync = bool(config.get("AUDIT_OUTBOX_FSYNC"))
         return SqliteOutbox(path, sinks, max_bytes, fsync, operator=operator)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(url):
         from dtmf_service.audit.outbox_redis import RedisOutbox
 
-        return RedisOutbox(url, sinks, max_bytes, operator=operator)
-    raise ConfigError("AUDIT_OUTBOX: expected sqlite:///<path> or redis://host:port/db")
+        # The host's journal in front of Redis: an outage never holds an answer back (redis_stage.py).
+        journals = os.path.join(config["AUDIT_SPOOL_DIR"], "redis-journals")
+        return RedisOutbox(url, sinks, max_bytes, journals, operator=operator)
+    raise ConfigError(
+        "AUDIT_OUTBOX: expected sqlite:///<path>, redis://host:port/db"
+        " or redis+sentinel://host:port[,host:port...]/service_name/db"
+    )

@@ -1,38 +1,52 @@
-"""The fleet's audit outbox on Redis Streams (AUDIT_OUTBOX=redis://..., CONTRACT.md section 7, *rev 2*).
+"""The fleet's audit outbox on Redis Streams (AUDIT_OUTBOX=redis://... or redis+sentinel://...,
+CONTRACT.md section 7, *rev 2* and *rev 3* "Fleet mode through Redis trouble").
 
-One stream holds every event; each sink is a consumer group, each worker process of each host a
-consumer. XREADGROUP hands new events out, XACK settles them, and XAUTOCLAIM gives the events a
-dead or stuck consumer held (idle longer than AUDIT_LEASE_S) to another one: when a host dies for
-good, the others deliver its events. Placeholders of requests in flight live in a hash with their
-lease in a sorted set, so any host recovers them as ``submission_unknown`` once the lease lapses.
+Redis is the second stage behind the host's journal (redis_stage.py): requests write the journal
+and are answered; a forwarder thread sends the events here with ``send``, so a Redis outage never
+delays an answer and loses nothing. In Redis, one stream holds every event; each sink is a
+consumer group, each worker process of each host a consumer. XREADGROUP hands new events out, XACK
+settles them, and XAUTOCLAIM gives the events a dead or stuck consumer held (idle longer than
+AUDIT_LEASE_S) to another one: when a host dies for good, the others deliver the events it had
+forwarded. Forwarded placeholders live in a hash with their lease in a sorted set, so any host
+recovers them as ``submission_unknown`` once the lease lapses.
 
-A retry after a delay is an XCLAIM that sets the entry's idle time so that it becomes claimable
-again exactly ``delay`` later. The stream is trimmed (XTRIM MINID) behind the slowest sink, and to
-the size bound when a sink falls too far behind, counting the undelivered events it drops.
+Groups are created again whenever Redis answers NOGROUP (a restart without persistence, a failover
+to a replica that lacked them): nothing is cached for the life of the process. A retry after a
+delay is an XCLAIM that sets the entry's idle time so that it becomes claimable again exactly
+``delay`` later. Trimming (exact ``XTRIM MINID``) stops at the oldest entry that any consumer group
+present in the stream still needs, whichever sinks this process knows; the size bound is measured
+with ``MEMORY USAGE`` and its drops are counted per group.
 
 Routing: each entry lists its sinks (field ``s``, those of the process that wrote it); a group
 acknowledges at once the entries that are not for it. A sink removed from the configuration keeps
 its group, its entries and its dead letters (``purge`` drops them). Dead letters go back in line
 through a script that claims each one atomically.
 
-Longer than the project's usual module: the stream, its groups and the dead letters are one unit
-that share the key layout; splitting them would spread it over several files.
+Longer than the project's usual module: the stream, its groups, the trimming and bound, and the
+dead letters are one unit that share the key layout; the host side is in redis_stage.py.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import redis
 
 from dtmf_service.audit.event import AuditEvent
+from dtmf_service.audit.journal import Ticket
 from dtmf_service.audit.outbox import Claimed, OutboxMissing, SinkBacklog, routed, shown_url, unrouted
+from dtmf_service.audit.redis_stage import HostStage, Item
+from dtmf_service.redis_client import connect, parse
+
+log = logging.getLogger("dtmf_service.audit")
+T = TypeVar("T")
 
 _PREFIX = "dtmf:audit:"
-_AVERAGE_EVENT_BYTES = 1024  # to turn AUDIT_SPOOL_MAX_MB into a stream length
 
 _RECOVER = """
 local body = redis.call('HGET', KEYS[2], ARGV[1])
@@ -76,57 +90,117 @@ def _id_key(stream_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def _next_id(stream_id: str) -> str:
+    ms, seq = _id_key(stream_id)
+    return f"{ms}-{seq + 1}"
+
+
 class RedisOutbox:
     """The Outbox interface of outbox.py on Redis Streams with consumer groups."""
 
-    def __init__(self, url: str, sinks: Iterable[str], max_bytes: int, operator: bool = False) -> None:
+    def __init__(
+        self, url: str, sinks: Iterable[str], max_bytes: int, journal_dir: str | None = None, operator: bool = False
+    ) -> None:
         self.sinks = tuple(sinks)
         self._route = ",".join(self.sinks)  # every entry this process writes goes to these sinks
         self.operator = operator  # the CLI: creates no stream and no group
-        self._r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, decode_responses=True)
+        target = parse(url, "AUDIT_OUTBOX")
+        self._r = connect(target, socket_timeout=5, socket_connect_timeout=3, decode_responses=True)
+        self._wait_replicas, self._wait_ms = target.wait_replicas, target.wait_ms
         self._stream = _PREFIX + "events"
         self._intents = _PREFIX + "intents"
         self._leases = _PREFIX + "leases"
-        self._max_entries = max(1000, max_bytes // _AVERAGE_EVENT_BYTES)
+        self._max_bytes = max_bytes
         self._recover_script = self._r.register_script(_RECOVER)
         self._redeliver_script = self._r.register_script(_REDELIVER)
         self._purge_dead_script = self._r.register_script(_PURGE_DEAD)
-        self._groups_ready = False
         if operator and not self._r.exists(self._stream):
             raise OutboxMissing(f"{shown_url(url)} (stream {self._stream})")
         self._lease_s = 30.0  # the claim lease last used: a retry's delay is measured against it
+        # The host's journal in front of Redis (redis_stage.py); None (tools, the CLI): writes go
+        # to Redis before they return.
+        self._stage = HostStage(journal_dir, self, max_bytes) if journal_dir and not operator else None
 
-    def _groups(self) -> None:
-        if self._groups_ready or self.operator:
-            return
+    def _with_groups(self, work: Callable[[], T]) -> T:
+        """Run ``work``; on NOGROUP (Redis restarted empty, or failed over to a replica without the
+        groups) create this process's groups and run it again."""
+        try:
+            return work()
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc) or self.operator:
+                raise
+        self._create_groups()
+        return work()
+
+    def _create_groups(self) -> None:
+        if self.operator:
+            return  # the CLI creates nothing
         for sink in self.sinks:
             try:
                 self._r.xgroup_create(self._stream, sink, id="0", mkstream=True)
+                log.warning("audit outbox: consumer group %s (re)created in Redis", sink)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        self._groups_ready = True
 
-    # -- request path --------------------------------------------------------------------------
-    def intend(self, event: Mapping[str, Any], lease_s: float) -> None:
-        """In Redis before this returns: when this host dies for good, another recovers it."""
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hset(self._intents, event["event_id"], routed(_dumps(event), self.sinks).decode())
-        pipe.zadd(self._leases, {event["event_id"]: time.time() + lease_s})
-        pipe.execute()
+    # -- request path: the host's stage, then Redis -------------------------------------------
+    def _item(self, kind: str, event: Mapping[str, Any], slot: Ticket | None, lease_s: float = 0.0) -> Item:
+        return Item(kind, event["event_id"], _dumps(event), slot, lease_s, self._route)
+
+    def intend(self, event: Mapping[str, Any], lease_s: float) -> Ticket | None:
+        """The placeholder, durable on the host before this returns (a journal slot: the ticket)."""
+        item = self._item("intent", event, None, lease_s)
+        if self._stage is None:
+            self.send([item])
+            return None
+        return self._stage.intend(item)
 
     def commit(self, event: Mapping[str, Any], ticket: Any = None) -> None:
-        """In Redis before this returns (no local journal: the event must outlive the host)."""
-        self._groups()
-        pipe = self._r.pipeline(transaction=True)
-        pipe.xadd(self._stream, {"e": _dumps(event), "s": self._route})
-        pipe.hdel(self._intents, event["event_id"])
-        pipe.zrem(self._leases, event["event_id"])
-        pipe.execute()
+        """The final event, durable on the host before this returns; the forwarder takes it to Redis."""
+        item = self._item("event", event, ticket)
+        if self._stage is None:
+            self.send([item])
+        else:
+            self._stage.commit(item)
+
+    def send(self, items: Sequence[Item]) -> tuple[bool, str]:
+        """Write ``items`` to Redis in one round trip. Returns whether the replicas asked for hold
+        them too (else: in Redis, not yet on a replica), and the master's replication id at the
+        time of the writes (it changes when a replica is promoted). Raises while Redis is away."""
+        pipe = self._r.pipeline(transaction=False)
+        if self._wait_replicas:
+            pipe.info("replication")  # same connection as the writes: the master that took them
+        now = time.time()
+        for item in items:
+            if item.kind == "intent":
+                pipe.hset(self._intents, item.event_id, routed(item.body, item.route.split(",")).decode())
+                pipe.zadd(self._leases, {item.event_id: now + item.lease_s})  # the lease starts in Redis
+            else:
+                pipe.xadd(self._stream, {"e": item.body, "s": item.route})
+                pipe.hdel(self._intents, item.event_id)
+                pipe.zrem(self._leases, item.event_id)
+        if not self._wait_replicas:
+            pipe.execute()
+            return True, ""
+        pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+        results = pipe.execute()
+        return int(results[-1]) >= self._wait_replicas, str(results[0].get("master_replid", ""))
+
+    def replicated(self) -> tuple[bool, str]:
+        """Do the replicas hold everything written so far? A write and WAIT on one connection: the
+        replication stream is ordered, so a replica past this write has every earlier one."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.info("replication")
+        pipe.incr(_PREFIX + "replica-probe")
+        pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+        results = pipe.execute()
+        return int(results[-1]) >= self._wait_replicas, str(results[0].get("master_replid", ""))
 
     def recover(self) -> int:
-        self._groups()
-        recovered = 0
+        """Dead processes' journals and spill files of this host into Redis (placeholders as
+        ``submission_unknown``; one WAIT, not kept waiting for a replica), and placeholders in
+        Redis whose lease lapsed (any host's)."""
+        recovered = self._stage.recover(self.send, self._route) if self._stage is not None else 0
         for event_id in self._r.zrangebyscore(self._leases, "-inf", time.time()):
             body = self._r.hget(self._intents, event_id)
             if body is None:
@@ -144,14 +218,17 @@ class RedisOutbox:
 
     # -- delivery side -------------------------------------------------------------------------
     def claim(self, sink: str, consumer: str, limit: int, lease_s: float) -> list[Claimed]:
-        self._groups()
         self._lease_s = lease_s
         lease_ms = int(lease_s * 1000)
-        _, entries, deleted = self._r.xautoclaim(self._stream, sink, consumer, lease_ms, "0-0", count=limit)
+        _, entries, deleted = self._with_groups(
+            lambda: self._r.xautoclaim(self._stream, sink, consumer, lease_ms, "0-0", count=limit)
+        )
         if deleted:
             self._count_dropped({sink: len(deleted)})
         if len(entries) < limit:
-            fresh = self._r.xreadgroup(sink, consumer, {self._stream: ">"}, count=limit - len(entries))
+            fresh = self._with_groups(
+                lambda: self._r.xreadgroup(sink, consumer, {self._stream: ">"}, count=limit - len(entries))
+            )
             for _, items in fresh or []:
                 entries += items
         claimed, foreign = [], []
@@ -200,43 +277,57 @@ class RedisOutbox:
         pipe.execute()
 
     def enforce_bound(self) -> dict[str, int]:
-        """Trim what every sink has settled; past the bound, the oldest entries, counted per sink."""
-        self._groups()
-        groups = {g["name"]: g for g in self._r.xinfo_groups(self._stream)}
+        """Trim, exactly, what every consumer group in the stream has settled (not only this
+        process's sinks: a host during a rolling change may lack one); past the bound, measured
+        with MEMORY USAGE, drop the oldest entries, counted per group that had not settled them."""
+        if not self._r.exists(self._stream):
+            return {}
+        self._create_groups()
+        groups = self._r.xinfo_groups(self._stream)
         needed_from: list[str] = []
-        # Every group in the stream, not only this process's sinks: a host during a rolling change may
-        # lack one, and must not trim its unread entries.
-        for sink, group in groups.items():
-            summary = self._r.xpending(self._stream, sink)
+        for group in groups:
+            summary = self._r.xpending(self._stream, group["name"])
             if summary["pending"]:
                 needed_from.append(summary["min"])
-            last = group["last-delivered-id"]
-            ms, seq = _id_key(last)
-            needed_from.append(f"{ms}-{seq + 1}")
+            needed_from.append(_next_id(group["last-delivered-id"]))
         if needed_from:
-            self._r.xtrim(self._stream, minid=min(needed_from, key=_id_key))
-        excess = self._r.xlen(self._stream) - self._max_entries
-        if excess <= 0:
-            return {}
-        doomed = self._r.xrange(self._stream, count=excess)
-        if not doomed:
-            return {}
-        cut = doomed[-1][0]
+            self._r.xtrim(self._stream, minid=min(needed_from, key=_id_key), approximate=False)
         dropped: dict[str, int] = {}
-        for sink, group in groups.items():
-            last = group["last-delivered-id"]
-            unread = sum(
-                1 for entry_id, fields in doomed if _id_key(entry_id) > _id_key(last) and _routes_to(fields, sink)
-            )
-            pending = self._r.xpending_range(self._stream, sink, min="-", max=cut, count=excess)
-            if pending:
-                self._r.xack(self._stream, sink, *[p["message_id"] for p in pending])
-            if unread + len(pending):
-                dropped[sink] = unread + len(pending)
-        ms, seq = _id_key(cut)
-        self._r.xtrim(self._stream, minid=f"{ms}-{seq + 1}", approximate=False)  # exactly: counted once
+        # Measured again after each cut: the size is a sampled estimate, and Redis frees a stream's
+        # memory a whole node (a few KiB of entries) at a time. Each further round cuts deeper.
+        for round_ in range(10):
+            if not self._drop_over_bound(groups, dropped, 2**round_):
+                break
         self._count_dropped(dropped)
         return dropped
+
+    def _drop_over_bound(self, groups: list[dict[str, Any]], dropped: dict[str, int], at_least: int) -> int:
+        """Drop the oldest entries over the bound (``at_least`` of them), adding to ``dropped``;
+        how many were dropped, 0 when within the bound."""
+        length = self._r.xlen(self._stream)
+        used = self._r.memory_usage(self._stream) or 0
+        if not length or used <= self._max_bytes:
+            return 0
+        # Entries are alike in size: drop the share of them that is over the bound.
+        excess = min(length, max(math.ceil(length * (used - self._max_bytes) / used), at_least))
+        doomed = self._r.xrange(self._stream, count=excess)
+        if not doomed:
+            return 0
+        cut = doomed[-1][0]
+        for group in groups:
+            name, last = group["name"], group["last-delivered-id"]
+            unread = sum(
+                1 for entry_id, fields in doomed if _id_key(entry_id) > _id_key(last) and _routes_to(fields, name)
+            )
+            pending = self._r.xpending_range(self._stream, name, min="-", max=cut, count=excess)
+            if pending:
+                refs = [p["message_id"] for p in pending]
+                self._r.xack(self._stream, name, *refs)
+                self._r.hdel(_PREFIX + f"attempts:{name}", *refs)
+            if unread + len(pending):
+                dropped[name] = dropped.get(name, 0) + unread + len(pending)
+        self._r.xtrim(self._stream, minid=_next_id(cut), approximate=False)  # exactly: counted once
+        return len(doomed)
 
     def _count_dropped(self, counts: Mapping[str, int]) -> None:
         for sink, count in counts.items():
@@ -254,10 +345,12 @@ class RedisOutbox:
         return {g["name"]: g for g in self._r.xinfo_groups(self._stream)}
 
     def backlog(self) -> dict[str, SinkBacklog]:
-        self._groups()
+        """Per sink: what Redis holds for it, plus (configured sinks) what waits on this host to
+        reach Redis. Read only: the CLI calls it."""
         groups = self._group_info()
         dropped = self._r.hgetall(_PREFIX + "dropped")
         errors = {sink: json.loads(text) for sink, text in self._r.hgetall(_PREFIX + "last_error").items()}
+        waiting = self.waiting_on_host()
         now_ms = time.time() * 1000
         result = {}
         for sink in self._known_sinks(groups):
@@ -278,7 +371,7 @@ class RedisOutbox:
                 oldest = unread[0][0]
             age = round(max(now_ms - _id_key(oldest)[0], 0) / 1000, 3) if oldest else None
             result[sink] = SinkBacklog(
-                pending + int(lag),
+                pending + int(lag) + (waiting if configured else 0),
                 age,
                 int(self._r.hlen(_PREFIX + f"dead:{sink}")),
                 int(dropped.get(sink, 0)),
@@ -347,14 +440,24 @@ class RedisOutbox:
             self._count_dropped({sink: events})
         return events, letters
 
+    def waiting_on_host(self) -> int:
+        """Final events in this host's journals and spill files, not yet (known to be) in Redis."""
+        return self._stage.waiting() if self._stage is not None else 0
+
     def check_file(self) -> int:
-        return 0  # no local file: the events live in Redis
+        if self._stage is not None:
+            self._stage.ensure_file()
+        return 0  # no outbox file: the events live in Redis
 
     def import_legacy_spool(self) -> int:
         return 0  # an upgrade onto Redis starts a new outbox; the old spool is imported with SQLite only
 
     def flush(self, timeout_s: float) -> bool:
-        return True  # every write is in Redis when intend() or commit() returns
+        """Wait until this process's journaled events are in Redis (and on a replica when asked)."""
+        return self._stage is None or self._stage.drain(timeout_s)
 
     def close(self) -> None:
+        """Forward what this process's journal holds; another process of the host takes the rest over."""
+        if self._stage is not None:
+            self._stage.close()
         self._r.close()

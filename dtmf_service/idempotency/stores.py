@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dtmf_service.config import ConfigError
+from dtmf_service.redis_client import is_redis_url
 
 UNKNOWN_STATUS = 504
 UNKNOWN_BODY = json.dumps(
@@ -77,9 +78,12 @@ def open_store(url: str | None) -> Store:
 
         # SQLAlchemy's convention: sqlite:///relative/path, sqlite:////absolute/path
         return SqliteStore(url[len("sqlite:///") :])
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(url):
         return RedisStore(url)
-    raise ConfigError("IDEMPOTENCY_STORE: expected sqlite:///<path> or redis://host:port/db")
+    raise ConfigError(
+        "IDEMPOTENCY_STORE: expected sqlite:///<path>, redis://host:port/db"
+        " or redis+sentinel://host:port[,host:port...]/service_name/db"
+    )
 
 
 class RedisStore:
@@ -106,9 +110,10 @@ class RedisStore:
     )
 
     def __init__(self, url: str) -> None:
-        import redis
+        from dtmf_service.redis_client import connect, parse
 
-        self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        # redis:// or redis+sentinel:// (the master looked up again after a failover): redis_client.py
+        self._redis = connect(parse(url, "IDEMPOTENCY_STORE"), socket_timeout=2, socket_connect_timeout=2)
         self._prefix = "dtmf:idem:"
 
     def claim(self, key: str, fingerprint: str, owner: str, lease_s: float, ttl_s: float) -> Stored | None:

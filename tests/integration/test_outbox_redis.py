@@ -67,16 +67,6 @@ def test_placeholders_are_recovered_by_any_host_once_the_lease_lapses(box, redis
     assert claimed.event["recovered"] is True
 
 
-def test_the_bound_drops_the_oldest_undelivered_and_counts_them(redis_url):
-    small = RedisOutbox(redis_url, ("a",), 1000 * 1024)  # 1,000 entries of about 1 KiB
-    for _ in range(1500):
-        small.commit(make_event())
-    dropped = small.enforce_bound()
-    assert dropped["a"] == 500
-    assert small.backlog()["a"].dropped == 500 and small.backlog()["a"].pending == 1000
-    assert small.enforce_bound() == {}  # counted once
-
-
 def test_two_instances_share_the_outbox_and_one_delivers_the_others_events_after_sigkill(tmp_path, sim_url, redis_url):
     webhook = WebhookReceiver().start()
     webhook.delay_s = 1.5  # deliveries are in flight, held by their consumer, when it dies
