@@ -535,7 +535,8 @@ class SqliteOutbox:
         The events' pages get what the rest leaves: the WAL (its checkpoint size, twice over: a batch
         may start just before a checkpoint), the shared memory and the journals as they are now.
         Past that the oldest events are dropped, counted per sink. Freed pages are reused by new
-        events, so the file stops growing; after a drain ``_reclaim`` gives them back."""
+        events, so the file stops growing; ``_reclaim`` gives them back once many are free (after a
+        drain, or a bound lowered below what the file holds)."""
         dropped: dict[str, int] = {}
         db = self._db()
         wal = _size(self.path + "-wal")
@@ -546,19 +547,18 @@ class SqliteOutbox:
                 break  # nothing left to drop: the bound is below the empty file's size
             for sink, count in counts.items():
                 dropped[sink] = dropped.get(sink, 0) + count
-        self._reclaim(db, wal, overflowing=bool(dropped))
+        self._reclaim(db, wal)
         return dropped
 
-    def _reclaim(self, db: sqlite3.Connection, wal: int, overflowing: bool) -> None:
-        """Space back: a WAL that readers kept from restarting is truncated; once the backlog has
-        drained, free pages are cut from the end of the file a little at a time (the maintenance
-        thread's writes, never a request's). A file of an earlier version (no auto_vacuum) is
-        converted with one VACUUM, only while it holds little (milliseconds of work)."""
+    def _reclaim(self, db: sqlite3.Connection, wal: int) -> None:
+        """Space back: a WAL that readers kept from restarting is truncated; once a quarter of the
+        file (and at least 1 MiB) is free, free pages are cut from its end a little at a time (the
+        maintenance thread's writes, never a request's) until none is left. A file of an earlier
+        version (no auto_vacuum) is converted with one VACUUM, only while it holds little
+        (milliseconds of work)."""
         try:
             if wal > 2 * self._wal_cap:
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # no busy wait: tried again later
-            if overflowing:
-                return  # freed pages are taken again by the next events
             pages, free = _pages(db)
             if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
                 if _live_bytes(db) <= _CONVERT_LIVE_BYTES:

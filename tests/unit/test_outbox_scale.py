@@ -232,6 +232,24 @@ def test_space_is_given_back_after_a_drain(tmp_path):
     box.close()
 
 
+def test_a_file_larger_than_a_lowered_bound_comes_back_within_it(tmp_path):
+    path = str(tmp_path / "spool" / "outbox.db")
+    box = SqliteOutbox(path, ("s",), 1 << 30)
+    for _ in range(8000):
+        box.commit(make_event("w" * 500))
+    settle(box)
+    box.close()
+    bound = 3 * 1024 * 1024  # the process's 2 MiB journal included
+    box = SqliteOutbox(path, ("s",), bound)
+    box.commit(make_event())  # this process's journal exists, as in a worker
+    settle(box)
+    for _ in range(20):
+        box.enforce_bound()
+    assert box.backlog()["s"].dropped > 0
+    assert on_disk(path) <= 1.25 * bound, f"{on_disk(path) / bound:.2f} x the bound"
+    box.close()
+
+
 @pytest.fixture
 def down_webhook_config(tmp_path):
     return {
