@@ -211,6 +211,11 @@ class SqliteOutbox:
             # to a tenth of the bound, 40 MiB at most), and cut the WAL back to that size afterwards.
             db.execute(f"PRAGMA wal_autocheckpoint={max(self._wal_cap // _PAGE, 16)}")
             db.execute(f"PRAGMA journal_size_limit={self._wal_cap}")
+            # Debian builds SQLite with secure_delete on: each freed page would be zeroed through the
+            # WAL, doubling the bytes written by acknowledgements and drops (the WAL grew several MB
+            # per drop). FAST still zeroes deleted cells in the pages written anyway; free pages are
+            # cut off the file after a drain (_reclaim).
+            db.execute("PRAGMA secure_delete=FAST")
             self._local.db, self._local.owner = db, owner
             self._connections.append((os.getpid(), db))
         return db
@@ -532,25 +537,26 @@ class SqliteOutbox:
     def enforce_bound(self) -> dict[str, int]:
         """Keep every byte on disk within the bound (AUDIT_SPOOL_MAX_MB), then give space back.
 
-        The events' pages get what the rest leaves: the WAL (its checkpoint size, twice over: a batch
-        may start just before a checkpoint), the shared memory and the journals as they are now.
+        The events' pages get what the rest leaves: the WAL (as it is, and at least twice its
+        checkpoint size: a batch may start just before a checkpoint), the shared memory and the
+        journals as they are now.
         Past that the oldest events are dropped, counted per sink. Freed pages are reused by new
         events, so the file stops growing; ``_reclaim`` gives them back once many are free (after a
         drain, or a bound lowered below what the file holds)."""
         dropped: dict[str, int] = {}
         db = self._db()
         wal = _size(self.path + "-wal")
-        room = self.max_bytes - 2 * self._wal_cap - (self._side_bytes() - wal)
+        room = self.max_bytes - max(2 * self._wal_cap, wal) - (self._side_bytes() - wal)
         while _live_bytes(db) > room:
             counts = self._transaction(_drop_oldest)
             if counts is None:
                 break  # nothing left to drop: the bound is below the empty file's size
             for sink, count in counts.items():
                 dropped[sink] = dropped.get(sink, 0) + count
-        self._reclaim(db, wal)
+        self._reclaim(db, wal, room if dropped else None)
         return dropped
 
-    def _reclaim(self, db: sqlite3.Connection, wal: int) -> None:
+    def _reclaim(self, db: sqlite3.Connection, wal: int, overflowing_room: int | None) -> None:
         """Space back: a WAL that readers kept from restarting is truncated; once a quarter of the
         file (and at least 1 MiB) is free, free pages are cut from its end a little at a time (the
         maintenance thread's writes, never a request's) until none is left. A file of an earlier
@@ -558,8 +564,12 @@ class SqliteOutbox:
         (milliseconds of work)."""
         try:
             if wal > 2 * self._wal_cap:
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # no busy wait: tried again later
+                # Readers kept the WAL from restarting: copy it back and empty it now (no busy wait:
+                # another round tries again).
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             pages, free = _pages(db)
+            if overflowing_room is not None and pages * _page_size(db) <= overflowing_room * 5 // 4:
+                return  # full: the next events take the freed pages (moving pages now would only churn)
             if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
                 if _live_bytes(db) <= _CONVERT_LIVE_BYTES:
                     db.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -707,9 +717,13 @@ def _pages(db: sqlite3.Connection) -> tuple[int, int]:
     return db.execute("PRAGMA page_count").fetchone()[0], db.execute("PRAGMA freelist_count").fetchone()[0]
 
 
+def _page_size(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA page_size").fetchone()[0])
+
+
 def _live_bytes(db: sqlite3.Connection) -> int:
     pages, free = _pages(db)
-    return (pages - free) * db.execute("PRAGMA page_size").fetchone()[0]
+    return (pages - free) * _page_size(db)
 
 
 def _drop_oldest(db: sqlite3.Connection) -> dict[str, int] | None:
