@@ -600,7 +600,12 @@ class SqliteOutbox:
         db = self._db()
         now = time.time()
         pending = {}
-        for sink, count in db.execute("SELECT sink, pending FROM sink_counts WHERE pending > 0").fetchall():
+        try:
+            counts = db.execute("SELECT sink, pending FROM sink_counts WHERE pending > 0").fetchall()
+        except sqlite3.OperationalError:
+            # A file no process of this version has opened yet (a read-only look before the upgrade).
+            counts = db.execute("SELECT sink, count(*) FROM pending GROUP BY sink").fetchall()
+        for sink, count in counts:
             created = db.execute(
                 "SELECT created FROM events WHERE id = (SELECT min(event) FROM pending WHERE sink=?)", (sink,)
             ).fetchone()
