@@ -182,9 +182,9 @@ def test_a_refused_event_becomes_a_dead_letter_and_never_blocks_the_rest(config,
 
 
 def test_the_outbox_is_bounded_oldest_dropped_and_counted_per_sink(outbox_path):
-    box = SqliteOutbox(outbox_path, ("a", "b"), 3 * 1024 * 1024)  # the 2 MiB journal counts too
+    box = SqliteOutbox(outbox_path, ("a", "b"), 6 * 1024 * 1024)  # the 2 MiB journal and the WAL count too
     ids = []
-    for _ in range(2000):
+    for _ in range(4000):
         event = make_event(pad="x" * 400)
         ids.append(event["event_id"])
         box.commit(event)
@@ -193,7 +193,7 @@ def test_the_outbox_is_bounded_oldest_dropped_and_counted_per_sink(outbox_path):
     assert dropped["a"] == dropped["b"] > 0
     backlog = box.backlog()
     assert backlog["a"].dropped == dropped["a"]
-    assert backlog["a"].pending == 2000 - dropped["a"]
+    assert backlog["a"].pending == 4000 - dropped["a"]
     claimed = box.claim("a", "c", 1, 30)
     assert claimed[0].event["event_id"] == ids[dropped["a"]]  # the oldest went first
 
