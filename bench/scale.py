@@ -360,8 +360,8 @@ def overflow_run(wrk: str | None, workdir: Path, seconds: float) -> dict[str, An
     return figures
 
 
-def optional_rows(module: str, label: str) -> Any:
-    """Rows another helper's module measures (its ``main_rows()``), or None when it is not there."""
+def optional_rows(module: str, label: str, **kwargs: Any) -> Any:
+    """Rows another module measures (its ``scale_rows()``), or None when it is not there."""
     try:
         found = importlib.import_module(module)
     except ImportError:
@@ -370,7 +370,7 @@ def optional_rows(module: str, label: str) -> Any:
     if runner is None:
         return None
     print(f"  {label}: running {module}", flush=True)
-    return runner()
+    return runner(**kwargs)
 
 
 def targets(rows: list[dict[str, Any]], overflow: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -437,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         overflow = overflow_run(wrk, workdir, 15.0 if args.quick else 30.0)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    idempotency = optional_rows("bench.idempotency_scale", "idempotency store")
+    quick_keys = {"sizes": (0, 100_000), "seconds": 5.0} if args.quick else {}
+    idempotency = optional_rows("bench.idempotency_scale", "idempotency store", **quick_keys)
     redis = optional_rows("bench.redis_scale", "Redis catch-up")
     report(rows, overflow, idempotency, redis)
     return 0
