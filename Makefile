@@ -68,8 +68,9 @@ bench-audit: $(RUN_STAMP)  ## audit on vs off, 50 ms upstream, 64 connections, 3
 bench-scale: $(TEST_STAMP)  ## backlogs of 0/100k/500k for a down sink, spool overflow, space back (about 10 minutes)
 	$(BIN)/python -m bench.scale
 
-soak: $(RUN_STAMP)  ## audit soak: worker SIGKILLs every 1.5 s for 2 minutes, webhook flapping, a 60 s outbox lock holder, CLI runs (about 3 minutes)
+soak: $(RUN_STAMP)  ## audit soak: worker SIGKILLs, webhook flapping, CLI runs; a 60 s SQLite lock holder, then fleet mode with Redis killed and restarted (about 6 minutes)
 	$(BIN)/python -m bench.soak_audit
+	$(BIN)/python -m bench.soak_audit --redis
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .ruff_cache

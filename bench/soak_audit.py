@@ -3,6 +3,7 @@ flaps, another process holds the outbox's write lock for a minute, and operator 
 
     python -m bench.soak_audit                  # 120 s of faults, about 2.5 minutes in all
     python -m bench.soak_audit --seconds 30 --lock-seconds 10
+    python -m bench.soak_audit --redis          # fleet mode: the outbox in Redis, restarted mid-soak
 
 What issues 3 and 10 ask to hold in production, run for their real duration (the test suite runs the
 same mechanisms for seconds): 4 workers, AUDIT_SINKS=file,webhook,syslog (webhook batches of 50) and
@@ -16,6 +17,10 @@ request carries its own X-Request-ID, which its audit event records; afterwards 
 request's event must be in the file and at the webhook, at least once (duplicates are allowed, and
 counted). Each answer's time is measured: the report gives the worst under each fault (the
 upstream is instant, so that time is the gateway's own, audit work included).
+With --redis the outbox is a real redis-server (AUDIT_OUTBOX=redis://..., AOF with fsync always, as
+in production) and, in place of the SQLite lock holder, Redis is killed (kill -9) a quarter of the
+way in, stays down for --lock-seconds, and is started again: answers must not wait on it, and the
+events of the requests answered meanwhile reach every sink once it is back.
 Sandbox mode (the in-process simulator), loopback only; the load is bounded in count and time.
 Exit status 0 when no answered request's event is missing, 1 otherwise.
 """
@@ -38,7 +43,17 @@ from pathlib import Path
 
 import requests
 
-from tests.helpers import BIN, ROOT, Gunicorn, SqliteLockHolder, UdpReceiver, WebhookReceiver, free_port, read_jsonl
+from tests.helpers import (
+    BIN,
+    ROOT,
+    Gunicorn,
+    RedisServer,
+    SqliteLockHolder,
+    UdpReceiver,
+    WebhookReceiver,
+    free_port,
+    read_jsonl,
+)
 
 VALID = {"interaction_id": "soak-1", "digits": "12#", "timeout_ms": 5000, "sequence_matrix_key": "menu.main"}
 MAX_REQUESTS = 100_000
@@ -99,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every", type=float, default=1.5, help="seconds between worker SIGKILLs")
     parser.add_argument("--callers", type=int, default=8, help="concurrent callers")
     parser.add_argument("--pause", type=float, default=0.02, help="seconds each caller waits between requests")
+    parser.add_argument("--redis", action="store_true", help="fleet mode: the outbox in Redis, restarted mid-soak")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="dtmf-soak-"))
@@ -122,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         "DTMF_AUDIT_BACKOFF_MAX_S": "2",
         "DTMF_AUDIT_LEASE_S": "5",
     }
+    redis_server = None
+    if args.redis:
+        (workdir / "redis").mkdir()
+        redis_server = RedisServer(workdir / "redis", persistent=True).start()
+        env["DTMF_AUDIT_OUTBOX"] = redis_server.url
     port = free_port()
     log = workdir / "gunicorn.log"
     server = Gunicorn(env, workers=4, port=port, log_path=log).start()
@@ -129,10 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     kills = flaps = 0
     restarted = False
-    holder = SqliteLockHolder(workdir / "spool" / "outbox.db")
+    holder = (
+        _RedisOutage(redis_server) if redis_server is not None else SqliteLockHolder(workdir / "spool" / "outbox.db")
+    )
+    fault = "Redis down" if redis_server is not None else "lock held"
     lock_at = args.seconds / 4
     windows: dict[str, list[tuple[float, float]]] = {
-        "lock held": [],
+        fault: [],
         "audit status running": [],
         _RESTARTING: [],
         "5 s after the restart": [],
@@ -158,13 +182,18 @@ def main(argv: list[str] | None = None) -> int:
                     windows["1 s after a SIGKILL"].append((now, now + 1.0))
                 next_kill = now + args.kill_every
             if holder.proc is None and now - started >= lock_at:
-                say(f"another process takes the outbox's write lock (BEGIN IMMEDIATE) for {args.lock_seconds:.0f} s")
+                if redis_server is not None:
+                    say(f"redis-server killed (kill -9); started again in {args.lock_seconds:.0f} s")
+                else:
+                    say(
+                        f"another process takes the outbox's write lock (BEGIN IMMEDIATE) for {args.lock_seconds:.0f} s"
+                    )
                 holder.hold()
                 lock_window = [time.monotonic(), 0.0]
             elif holder.proc is not None and holder.proc.poll() is None and now - lock_window[0] >= args.lock_seconds:
                 holder.release()
-                windows["lock held"].append((lock_window[0], time.monotonic()))
-                say("lock released")
+                windows[fault].append((lock_window[0], time.monotonic()))
+                say("redis-server back" if redis_server is not None else "lock released")
             if now >= next_cli:
                 run_started = time.monotonic()
                 status = subprocess.run([str(BIN / "dtmf-gateway"), "audit", "status"], cwd=ROOT,
@@ -196,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
         if holder.proc is not None and holder.proc.poll() is None:
             holder.release()
-            windows["lock held"].append((lock_window[0], time.monotonic()))
+            windows[fault].append((lock_window[0], time.monotonic()))
         webhook.stop()
         webhook.start()
         webhook.status = 200
@@ -218,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         webhook.stop()
         syslog.close()
         statsd.close()
+        if redis_server is not None:
+            redis_server.stop()
 
     file_events = read_jsonl(audit_file)
     file_rids = Counter(e.get("request_id") for e in file_events)
@@ -226,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     missing_file = answered - set(file_rids)
     missing_hook = answered - set(hook_rids)
     figures = {
+        "outbox": "redis (killed and restarted)" if redis_server is not None else "sqlite (lock holder)",
         "seconds": args.seconds,
         "sigkills": kills,
         "webhook_flaps": flaps,
@@ -252,6 +284,34 @@ def main(argv: list[str] | None = None) -> int:
     if ok:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1
+
+
+class _RedisOutage:
+    """The soak's second fault in fleet mode, shaped as the lock holder: hold() kills redis-server,
+    release() starts it again on the same port and data (AOF) directory."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.proc: _Down | None = None
+
+    def hold(self) -> None:
+        self.server.kill()
+        self.proc = _Down()
+
+    def release(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.server.start()
+            self.proc.done = True
+
+
+class _Down:
+    """Looks like a running holder process until the outage ends (poll() is None meanwhile)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def poll(self) -> int | None:
+        return 0 if self.done else None
 
 
 def _worst_answers(timings: list[tuple[float, float]], windows: dict[str, list[tuple[float, float]]]) -> dict:

@@ -30,7 +30,27 @@ from dtmf_service.audit.outbox import Outbox, OutboxMissing, open_outbox
 log = logging.getLogger("dtmf_service.audit")
 
 dtmf = AppGroup("dtmf", help="DTMF gateway operator commands.")
-audit = AppGroup("audit", help="The audit outbox: backlog, dead letters, re-delivery.")
+
+
+class _AuditGroup(AppGroup):
+    """The audit commands; a store that cannot be reached (Redis down, a file SQLite cannot read)
+    is one line and exit 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import sqlite3
+
+        import redis
+
+        try:
+            return super().invoke(ctx)
+        except (OSError, sqlite3.Error, redis.RedisError) as exc:
+            from dtmf_service.audit.reasons import FailureReasons
+
+            reason = FailureReasons().describe(exc)  # URL credentials, tokens and digits scrubbed
+            raise click.ClickException(f"the audit outbox cannot be reached: {reason}") from None
+
+
+audit = _AuditGroup("audit", help="The audit outbox: backlog, dead letters, re-delivery.")
 dtmf.add_command(audit)
 
 

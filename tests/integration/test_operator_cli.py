@@ -90,3 +90,13 @@ def test_the_same_commands_run_under_flask(gateway_env, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["file"]["pending"] == 0
+
+
+def test_an_outbox_that_cannot_be_reached_is_one_line_never_a_traceback(gateway_env, closed_port):
+    env = {**gateway_env, "DTMF_AUDIT_SINKS": "file", "DTMF_AUDIT_FILE_PATH": "/tmp/unused.jsonl",
+           "DTMF_AUDIT_OUTBOX": f"redis://:pw-in-url@127.0.0.1:{closed_port}/0"}  # fmt: skip
+    done = run(env, "audit", "status")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: the audit outbox cannot be reached: ConnectionError")
+    assert "Traceback" not in done.stderr and "pw-in-url" not in done.stderr
