@@ -481,6 +481,10 @@ def report(rows: list[dict[str, Any]], overflow: dict[str, Any], idempotency: An
     for line in outage_hour(rows) if rows else []:
         print(line)
     checks = targets(rows, overflow)
+    for r in redis or []:
+        name = f"Redis memory within 20% of its pre-backlog value after a drain ({r['events']:,} events)"
+        value = f"{r['memory_after_ratio']:.2f} x ({r['backlog_memory_returned']:.1%} of the backlog's memory back)"
+        checks.append((name, value, r["memory_after_ratio"] <= 1.2))
     if idempotency and idempotency[0]["keys"] == 0 and len(idempotency) > 1:
         empty, big = idempotency[0], idempotency[-1]
         rps, cpu = big["rps"] / empty["rps"], big["cpu_ms_per_request"] / empty["cpu_ms_per_request"]
