@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lock lint format simulator bench bench-quick bench-audit bench-scale soak clean
+.PHONY: run test lock lint format simulator bench bench-quick bench-audit bench-scale bench-peers soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,14 @@ bench-audit: $(RUN_STAMP)  ## audit on vs off, 50 ms upstream, 64 connections, 3
 
 bench-scale: $(TEST_STAMP)  ## backlogs of 0/100k/500k for a down sink, spool overflow, space back (about 10 minutes)
 	$(BIN)/python -m bench.scale
+
+$(VENV)/.installed-granian: setup.cfg pyproject.toml | $(RUN_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[granian]'
+	touch $@
+
+# ARGS=--quick (1 round of 4 s), ARGS=--profile (py-spy: pip install py-spy into .venv first)
+bench-peers: $(VENV)/.installed-granian  ## against the Go seed (../shared/peers/go-seed, golang-go), gunicorn and granian (about 9 minutes)
+	$(BIN)/python -m bench.peers $(ARGS)
 
 soak: $(RUN_STAMP)  ## audit soak: worker SIGKILLs, webhook flapping, CLI runs; a 60 s SQLite lock holder, then fleet mode with Redis killed and restarted (about 6 minutes)
 	$(BIN)/python -m bench.soak_audit

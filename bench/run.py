@@ -114,35 +114,59 @@ def peak_rss_mb(pids: list[int]) -> float:
 
 
 class Server:
-    """gunicorn with gunicorn.conf.py defaults (the same for the floor and the gateway)."""
+    """gunicorn with gunicorn.conf.py defaults (the same for the floor and the gateway).
 
-    def __init__(self, app: str, env: dict[str, str]) -> None:
-        self.port = free_port()
+    ``command``: another server's argv for the same app (bench/peers.py: granian, the Go seed), started
+    the same way; ``ready_path``: what answers once it listens (any HTTP status counts when None)."""
+
+    def __init__(
+        self,
+        app: str,
+        env: dict[str, str],
+        command: list[str] | None = None,
+        ready_path: str | None = "/healthz",
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        argv = command or [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}", app]
         self.proc = subprocess.Popen(
-            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}", app],
+            argv,
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                answer = requests.get(f"{self.url}{ready_path or '/'}", timeout=1)
+                if ready_path is None or answer.status_code == 200:
                     return
             except requests.RequestException:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"{app} did not start")
 
     def pids(self) -> list[int]:
-        try:  # the master and its workers, from /proc (no procps needed)
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        except OSError:
-            children = []
-        return [self.proc.pid, *(int(p) for p in children)]
+        """The server and every process under it, from /proc (no procps needed): gunicorn's master and
+        workers, granian's workers (and anything a later version spawns below them)."""
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    todo.extend(int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+                except OSError:
+                    continue
+        return found
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -190,8 +214,16 @@ def run_wrk(wrk: str, url: str, connections: int, seconds: float, burst_share: f
 
 
 def measure(
-    wrk: str, server: Server, target: str, delay_ms: int, connections: int, seconds: float, warmup_s: float
+    wrk: str,
+    server: Server,
+    target: str,
+    delay_ms: int,
+    connections: int,
+    seconds: float,
+    warmup_s: float,
+    audit: bool | None = None,
 ) -> Result:
+    """One wrk run after a warm-up; ``audit``: wait for audit_pending 0 after it (default: by target name)."""
     run_wrk(wrk, server.url, connections, warmup_s)
     pids = server.pids()
     before = proc_cpu_ticks(pids)
@@ -209,7 +241,9 @@ def measure(
         load["requests"],
         load["other"],
     )
-    if target == "gateway+plugins" or target.startswith("audit"):
+    if audit is None:
+        audit = target == "gateway+plugins" or target.startswith("audit")
+    if audit:
         started = time.monotonic()
         while time.monotonic() - started < 30:
             if requests.get(f"{server.url}/api/metrics", timeout=5).json()["audit_pending"] == 0:
@@ -305,6 +339,11 @@ class Upstream:
     """bench/upstream.py in a subprocess on a free port."""
 
     def __init__(self, delay_ms: int) -> None:
+        self.delay_ms = delay_ms
+
+    def set_delay(self, delay_ms: int) -> None:
+        """Change the delay of the running upstream (one upstream for a whole run: bench/peers.py)."""
+        requests.post(f"http://127.0.0.1:{self.port}/_bench/delay/{delay_ms}", timeout=5).raise_for_status()
         self.delay_ms = delay_ms
 
     def __enter__(self) -> int:

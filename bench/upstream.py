@@ -4,6 +4,8 @@
 
 Token endpoints answer a token; DTMF endpoints answer 200 (tutorial) or 202 (agent) after the delay.
 Interaction ids starting "burst-" answer 429 with Retry-After: 1 (the retry scenario).
+A path ending /audit is a webhook receiver, answered at once (a receiver is not CXone: no delay).
+POST /_bench/delay/<ms> changes the delay while it runs (one upstream for a whole run).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class Upstream(asyncio.Protocol):
     def _answer(self, path: bytes) -> None:
         if path.endswith(b"/token"):
             self.transport.write(_response(b"200 OK", TOKEN))
+            return
+        if path.startswith(b"/_bench/delay/"):
+            Upstream.delay_s = float(path.rsplit(b"/", 1)[1]) / 1000.0
+            self.transport.write(_response(b"200 OK", OK))
+            return
+        if path.endswith(b"/audit"):
+            self.transport.write(_response(b"200 OK", OK))
             return
         if b"/burst-" in path:
             answer = _response(b"429 Too Many Requests", b"{}", b"Retry-After: 1\r\n")
