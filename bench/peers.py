@@ -122,7 +122,8 @@ def build_go_seed(source: Path, out_dir: Path) -> tuple[Path | None, str]:
     if proc.returncode != 0:
         text = (proc.stderr or proc.stdout).strip()
         first = text.splitlines()[0] if text else f"exit {proc.returncode}"
-        if any(word in text for word in ("GOPROXY=off", "module lookup disabled", "downloading", "go.mod")):
+        needs_download = ("GOPROXY=off", "module lookup disabled", "downloading", "go.mod", "cannot find package")
+        if any(phrase in text for phrase in needs_download):
             raise GoBuildError(f"go-seed: the build needs a download, and this benchmark has no network: {first}")
         raise GoBuildError(f"go-seed: go build failed: {first}")
     return binary, subprocess.run([go, "version"], capture_output=True, text=True).stdout.strip()

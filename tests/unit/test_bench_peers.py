@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
-from bench.peers import format_checks, format_table, mark_targets, self_time, table_rows
+import pytest
+
+from bench.peers import GoBuildError, build_go_seed, format_checks, format_table, mark_targets, self_time, table_rows
 
 
 def _row(target: str, delay: int, conns: int, rps: float, cpu: float, p99: float) -> dict[str, Any]:
@@ -95,3 +99,17 @@ def test_self_time_ranks_leaf_functions_and_groups_them() -> None:
     assert ranked == [("_runner (granian/wsgi.py)", 0.5), ("dispatch (web/app.py)", 0.4)]
     assert dict(grouped)["gateway code (dtmf_service, plugins)"] == 0.4
     assert dict(grouped)["threads, locks, queues"] == 0.1
+
+
+def test_go_seed_rows_are_skipped_with_a_reason_when_the_source_is_missing(tmp_path: Path) -> None:
+    binary, reason = build_go_seed(tmp_path / "absent" / "main.go", tmp_path)
+    assert binary is None and "not found" in reason
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="go not installed (apt-get install golang-go)")
+def test_a_go_seed_that_needs_a_download_fails_with_one_clear_line(tmp_path: Path) -> None:
+    source = tmp_path / "src" / "main.go"
+    source.parent.mkdir()
+    source.write_text('package main\n\nimport "github.com/example/nothing"\n\nfunc main() { nothing.X() }\n')
+    with pytest.raises(GoBuildError, match="needs a download"):
+        build_go_seed(source, tmp_path)
