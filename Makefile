@@ -69,10 +69,11 @@ bench-scale: $(TEST_STAMP)  ## backlogs of 0/100k/500k for a down sink, spool ov
 	$(BIN)/python -m bench.scale
 
 $(VENV)/.installed-granian: setup.cfg pyproject.toml | $(RUN_STAMP)
-	$(BIN)/python -m pip install --quiet 'granian>=2.8,<3'  # setup.cfg's granian extra (not in the locks)
+	# setup.cfg's granian extra; not in the locks, and its one dependency (click) comes with Flask's
+	$(BIN)/python -m pip install --quiet --no-deps 'granian>=2.8,<3'
 	touch $@
 
-# ARGS=--quick (1 round of 4 s), ARGS=--profile (py-spy: pip install py-spy into .venv first)
+# ARGS=--quick (1 round of 4 s), ARGS=--profile (needs py-spy in .venv)
 bench-peers: $(VENV)/.installed-granian  ## against the Go seed (../shared/peers/go-seed, golang-go), gunicorn and granian (about 9 minutes)
 	$(BIN)/python -m bench.peers $(ARGS)
 
