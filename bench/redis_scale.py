@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(rows, indent=2))
     ok = all(r["memory_after_ratio"] <= 1.2 for r in rows)
     print(
-        f"{'MET' if ok else 'MISSED'}  Redis memory within 20% of its pre-backlog value {args.after:.0f} s after a drain"
+        f"{'MET' if ok else 'MISSED'}  Redis memory within 20% of its pre-backlog value"
+        f" {args.after:.0f} s after a drain"
     )
     return 0
 
