@@ -416,3 +416,52 @@ class RedisSentinelTrio:
                 proc.wait(5)
         self.replica.stop()
         self.master.stop()
+
+
+PROMETHEUS = shutil.which("prometheus")
+RSYSLOGD = shutil.which("rsyslogd") or ("/usr/sbin/rsyslogd" if os.path.exists("/usr/sbin/rsyslogd") else None)
+
+
+def start_prometheus(directory: Path, target_port: int) -> tuple[subprocess.Popen[bytes], str]:
+    """A real Prometheus scraping 127.0.0.1:target_port every second, with its own config and
+    storage in ``directory``: (the process, its query API base URL ``.../api/v1``)."""
+    assert PROMETHEUS is not None
+    port = free_port()
+    (directory / "prometheus.yml").write_text(f"""
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: dtmf
+    static_configs:
+      - targets: ["127.0.0.1:{target_port}"]
+""")
+    (directory / "tsdb").mkdir()
+    process = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return process, f"http://127.0.0.1:{port}/api/v1"
+
+
+def start_rsyslogd(conf: Path, ready: Callable[[], bool]) -> subprocess.Popen[bytes]:
+    """A real rsyslogd in the foreground with ``conf`` (its pid file beside it), once ``ready()``;
+    its own output in the error when it never gets there."""
+    assert RSYSLOGD is not None
+    proc = subprocess.Popen(
+        [RSYSLOGD, "-n", "-f", str(conf), "-i", str(conf.with_suffix(".pid"))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(ready, timeout=15)
+    except AssertionError:
+        proc.kill()
+        output = proc.stdout.read().decode()[-2000:] if proc.stdout else ""
+        raise AssertionError(f"rsyslogd did not start: {output}") from None
+    return proc
+
+
+def tcp_listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

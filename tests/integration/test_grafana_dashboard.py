@@ -9,8 +9,6 @@ would (``$job`` by its "All" value, ``$__rate_interval`` by a window that holds 
 import json
 import math
 import re
-import shutil
-import subprocess
 import threading
 import time
 
@@ -18,11 +16,10 @@ import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import ROOT, WebhookReceiver, free_port, wait_until
+from tests.helpers import PROMETHEUS, ROOT, WebhookReceiver, start_prometheus, wait_until
 from tests.integration.conftest import dialect_env
 
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
-PROMETHEUS = shutil.which("prometheus")
 # Every series CONTRACT.md section 11 names that the dashboard is asked to show.
 SHOWN = {
     "dtmf_requests_total",
@@ -87,22 +84,8 @@ def gateway(gateway_env, sim_url, start_gunicorn):
 def prometheus(tmp_path, gateway):
     if PROMETHEUS is None:
         pytest.skip("prometheus is not installed (.ci/run installs it); the dashboard's queries did not run")
-    port = free_port()
-    (tmp_path / "prometheus.yml").write_text(f"""
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: dtmf
-    static_configs:
-      - targets: ["127.0.0.1:{gateway.port}"]
-""")
-    (tmp_path / "tsdb").mkdir()
-    process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    yield f"http://127.0.0.1:{port}/api/v1"
+    process, api = start_prometheus(tmp_path, gateway.port)
+    yield api
     process.terminate()
     process.wait(10)
 

@@ -15,10 +15,9 @@ import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import ROOT, WebhookReceiver, free_port, wait_until
+from tests.helpers import PROMETHEUS, ROOT, WebhookReceiver, start_prometheus, wait_until
 from tests.integration.conftest import dialect_env
 
-PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 pytestmark = [
     pytest.mark.slow,
@@ -80,22 +79,8 @@ def test_metrics_are_exact_across_workers_and_pass_promtool(gateway):
 
 
 def test_a_real_prometheus_scrapes_four_workers_and_answers_queries(tmp_path, gateway):
-    port = free_port()
-    (tmp_path / "prometheus.yml").write_text(f"""
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: dtmf
-    static_configs:
-      - targets: ["127.0.0.1:{gateway.port}"]
-""")
-    (tmp_path / "tsdb").mkdir()
-    prometheus = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    api = f"http://127.0.0.1:{port}/api/v1/query"
+    prometheus, base = start_prometheus(tmp_path, gateway.port)
+    api = f"{base}/query"
 
     def query(expression):
         try:

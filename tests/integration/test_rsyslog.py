@@ -7,17 +7,14 @@ and its own Unix socket; the machine's syslog service is never touched.
 import datetime as dt
 import json
 import os
-import shutil
 import socket
-import subprocess
 import uuid
 
 import pytest
 
 from plugins.syslog import SyslogSink
-from tests.helpers import free_port, wait_until
+from tests.helpers import RSYSLOGD, free_port, start_rsyslogd, tcp_listening, wait_until
 
-RSYSLOGD = shutil.which("rsyslogd") or ("/usr/sbin/rsyslogd" if os.path.exists("/usr/sbin/rsyslogd") else None)
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(RSYSLOGD is None, reason="rsyslog is not installed (.ci/run installs it)"),
@@ -44,21 +41,7 @@ input(type="imuxsock" Socket="{unix_path}" UseSpecialParser="off" UseSysTimeStam
 template(name="fields" type="string" string="{FIELDS}")
 *.* action(type="omfile" file="{out}" template="fields")
 """)
-    proc = subprocess.Popen(
-        [RSYSLOGD, "-n", "-f", str(conf), "-i", str(tmp_path / "rsyslogd.pid")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-    def listening():
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", tcp_port)) == 0 and unix_path.exists()
-
-    try:
-        wait_until(listening, timeout=15)
-    except AssertionError:
-        proc.kill()
-        raise AssertionError(proc.stdout.read().decode()[-2000:]) from None
+    proc = start_rsyslogd(conf, lambda: tcp_listening(tcp_port) and unix_path.exists())
     yield {"udp": f"udp://127.0.0.1:{udp_port}", "tcp": f"tcp://127.0.0.1:{tcp_port}", "unix": str(unix_path)}, out
     proc.terminate()
     proc.wait(10)

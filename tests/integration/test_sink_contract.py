@@ -3,10 +3,6 @@
 batches), a real file, and a real rsyslogd over TCP."""
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,9 +11,7 @@ from dtmf_service.testing import AuditSinkContract, sink_from_plugin
 from plugins import file as file_plugin
 from plugins import syslog as syslog_plugin
 from plugins import webhook as webhook_plugin
-from tests.helpers import WebhookReceiver, free_port, read_jsonl, wait_until
-
-RSYSLOGD = shutil.which("rsyslogd") or ("/usr/sbin/rsyslogd" if os.path.exists("/usr/sbin/rsyslogd") else None)
+from tests.helpers import RSYSLOGD, WebhookReceiver, free_port, read_jsonl, start_rsyslogd, tcp_listening
 
 
 class TestWebhookSink(AuditSinkContract):
@@ -91,7 +85,6 @@ input(type="imtcp" address="127.0.0.1" port="{self.port}")
 template(name="msg" type="string" string="%msg%\\n")
 *.* action(type="omfile" file="{self.out}" template="msg")
 """)
-        self.pidfile = tmp_path / "rsyslogd.pid"
         self.proc = None
         self.bring_back()
         yield
@@ -112,11 +105,4 @@ template(name="msg" type="string" string="%msg%\\n")
             self.proc = None
 
     def bring_back(self):
-        self.proc = subprocess.Popen([RSYSLOGD, "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-
-        def listening():
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", self.port)) == 0
-
-        wait_until(listening, timeout=15)
+        self.proc = start_rsyslogd(self.conf, lambda: tcp_listening(self.port))

@@ -5,9 +5,6 @@ certificate is always verified."""
 
 import json
 import os
-import shutil
-import socket
-import subprocess
 import uuid
 
 import pytest
@@ -15,10 +12,9 @@ import pytest
 from dtmf_service.config import ConfigError
 from plugins.syslog import SyslogSink
 from plugins.webhook import WebhookSink
-from tests.helpers import WebhookReceiver, free_port, wait_until
+from tests.helpers import RSYSLOGD, WebhookReceiver, free_port, start_rsyslogd, tcp_listening, wait_until
 from tests.upstreams import make_certificate
 
-RSYSLOGD = shutil.which("rsyslogd") or ("/usr/sbin/rsyslogd" if os.path.exists("/usr/sbin/rsyslogd") else None)
 GTLS = any(
     os.path.exists(f"{d}/lmnsd_gtls.so")
     for d in ("/usr/lib/x86_64-linux-gnu/rsyslog", "/usr/lib/aarch64-linux-gnu/rsyslog", "/usr/lib/rsyslog")
@@ -79,21 +75,7 @@ input(type="imtcp" address="127.0.0.1" port="{port}")
 template(name="fields" type="string" string="%app-name%|%msgid%|%msg%\\n")
 *.* action(type="omfile" file="{out}" template="fields")
 """)
-    proc = subprocess.Popen(
-        [RSYSLOGD, "-n", "-f", str(conf), "-i", str(tmp_path / "rsyslogd.pid")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-    def listening():
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_until(listening, timeout=15)
-    except AssertionError:
-        proc.kill()
-        raise AssertionError(proc.stdout.read().decode()[-2000:]) from None
+    proc = start_rsyslogd(conf, lambda: tcp_listening(port))
     yield f"tls://127.0.0.1:{port}", out
     proc.terminate()
     proc.wait(10)
