@@ -14,7 +14,6 @@ import difflib
 import ipaddress
 import json
 import os
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -195,17 +194,9 @@ def read_secret_files(config: dict[str, Any]) -> None:
 
 def _read_secret_file(name: str, path: str) -> str:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot read {path} ({exc.strerror})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"{name}: {path} is not a regular file")
-        data = os.read(fd, MAX_SECRET_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SECRET_FILE_BYTES:
-        raise ConfigError(f"{name}: {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+        data = apikeys.read_regular_file(path, MAX_SECRET_FILE_BYTES)
+    except apikeys.FileRefused as exc:
+        raise ConfigError(f"{name}: {exc}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -62,23 +62,42 @@ class KeysFile:
     blank: bool
 
 
-def read_keys_file(path: str) -> KeysFile:
-    """Read and check a keys file; KeysError (naming the path and the line, never a key) when it breaks a rule."""
+class FileRefused(Exception):  # noqa: N818 - read as "the file was refused"
+    """A settings file that cannot be used; the message names the path and why, never its content."""
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file (the API keys file, a secret's K_FILE): a FIFO, a
+    device such as /dev/zero or a directory is refused unread, a larger file refused whole."""
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
-        raise KeysError(f"cannot read {path} ({exc.strerror})") from None
+        raise FileRefused(f"cannot read {path} ({exc.strerror})") from None
+    chunks: list[bytes] = []
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise KeysError(f"{path} is not a regular file")
-        data = _read_at_most(fd, MAX_FILE_BYTES + 1)
+            raise FileRefused(f"{path} is not a regular file")
+        total = 0
+        while total <= limit and (chunk := os.read(fd, min(65536, limit + 1 - total))):
+            chunks.append(chunk)
+            total += len(chunk)
     except OSError as exc:
-        raise KeysError(f"cannot read {path} ({exc.strerror})") from None
+        raise FileRefused(f"cannot read {path} ({exc.strerror})") from None
     finally:
         os.close(fd)
-    if len(data) > MAX_FILE_BYTES:
-        raise KeysError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise FileRefused(f"{path} is larger than {limit} bytes")
+    return data
+
+
+def read_keys_file(path: str) -> KeysFile:
+    """Read and check a keys file; KeysError (naming the path and the line, never a key) when it breaks a rule."""
+    try:
+        data = read_regular_file(path, MAX_FILE_BYTES)
+    except FileRefused as exc:
+        raise KeysError(str(exc)) from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -95,14 +114,6 @@ def read_keys_file(path: str) -> KeysFile:
             raise KeysError(f"line {number} of {path}: the key is {reason}")
         keys.append(entry)
     return KeysFile(tuple(keys), blank=not text.strip())
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks, total = [], 0
-    while total < limit and (chunk := os.read(fd, min(65536, limit - total))):
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
 
 
 @dataclass(frozen=True)
