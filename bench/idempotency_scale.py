@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import sqlite3
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +26,8 @@ from typing import Any
 
 import requests
 
-from bench.run import TICK, Server, Upstream, gateway_env, proc_cpu_ticks
+from bench.run import TICK, Server, Upstream, gateway_env, proc_cpu_ticks, run_wrk
 from dtmf_service.idempotency.sqlite_store import SqliteStore
-from tests.helpers import ROOT
 
 UPSTREAM_MS = 50
 CONNECTIONS = 64
@@ -100,9 +98,9 @@ def measure(store_path: str | Path, workdir: Path, seconds: float = 20.0, warmup
         }
         server = Server("app:app", env)
         try:
-            _wrk(wrk, server.url, warmup_s)
+            run_wrk(wrk, server.url, CONNECTIONS, warmup_s, keyed=True)
             before = proc_cpu_ticks(server.pids())
-            load = _wrk(wrk, server.url, seconds)
+            load = run_wrk(wrk, server.url, CONNECTIONS, seconds, keyed=True)
             cpu_ms = (proc_cpu_ticks(server.pids()) - before) * 1000 / TICK
             metrics = requests.get(f"{server.url}/api/metrics", timeout=10).json()
         finally:
@@ -115,21 +113,6 @@ def measure(store_path: str | Path, workdir: Path, seconds: float = 20.0, warmup
         "non_200": load["other"],
         "store_errors": metrics.get("idempotency_store_errors", 0),
     }
-
-
-def _wrk(wrk: str, url: str, seconds: float) -> dict[str, Any]:
-    import re
-
-    out = subprocess.run(
-        [wrk, "-t", "2", "-c", str(CONNECTIONS), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
-         "-s", str(ROOT / "bench" / "post_keyed.lua"), f"{url}/api/dtmf/parse"],
-        capture_output=True, text=True, timeout=seconds + 60,
-    ).stdout  # fmt: skip
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    ok, other = (int(x) for x in re.search(r"STATUS ok=(\d+) other=(\d+)", out).groups())  # type: ignore[union-attr]
-    p99 = float(re.search(r"LATENCY p50=[\d.]+ p99=([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return {"rps": rps, "requests": total, "ok": ok, "other": other, "p99_ms": p99}
 
 
 def scale_rows(sizes: tuple[int, ...] = SIZES, seconds: float = 20.0) -> list[dict[str, Any]]:

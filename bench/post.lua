@@ -1,5 +1,7 @@
 -- wrk script: POST a valid DTMF request; BURST_SHARE of them to an interaction that CXone rate limits.
+-- KEYED=1: each with a fresh Idempotency-Key (a claim and a finish in the idempotency store per request).
 local share = tonumber(os.getenv("BURST_SHARE") or "0")
+local keyed = os.getenv("KEYED") == "1"
 local threads = {}
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -7,6 +9,7 @@ local normal = '{"interaction_id":"bench-1","digits":"12#","timeout_ms":5000,"se
 local burst = '{"interaction_id":"burst-1","digits":"12#","timeout_ms":5000,"sequence_matrix_key":"menu.main"}'
 
 function setup(thread)
+  thread:set("id", #threads)
   table.insert(threads, thread)
 end
 
@@ -14,14 +17,20 @@ function init(args)
   counter = 0
   ok = 0
   other = 0
+  prefix = string.format("%d-%d-", os.time(), id)
 end
 
 function request()
   counter = counter + 1
+  local body = normal
   if share >= 1 or (share > 0 and (counter % math.floor(1 / share)) == 0) then
-    return wrk.format(nil, nil, nil, burst)
+    body = burst
   end
-  return wrk.format(nil, nil, nil, normal)
+  if keyed then
+    -- wrk.format replaces wrk.headers when given headers: Content-Type goes in again
+    return wrk.format(nil, nil, {["Content-Type"] = "application/json", ["Idempotency-Key"] = prefix .. counter}, body)
+  end
+  return wrk.format(nil, nil, nil, body)
 end
 
 function response(status, headers, body)

@@ -196,13 +196,16 @@ def wrk_command(wrk: str, url: str, connections: int, seconds: float, threads: i
     ]
 
 
-def run_wrk(wrk: str, url: str, connections: int, seconds: float, burst_share: float = 0.0) -> dict[str, Any]:
+def run_wrk(
+    wrk: str, url: str, connections: int, seconds: float, burst_share: float = 0.0, keyed: bool = False
+) -> dict[str, Any]:
+    """``keyed``: each request with a fresh Idempotency-Key."""
     threads = min(connections, 2)
     proc = subprocess.run(
         wrk_command(wrk, url, connections, seconds, threads),
         capture_output=True,
         text=True,
-        env={**os.environ, "BURST_SHARE": str(burst_share)},
+        env={**os.environ, "BURST_SHARE": str(burst_share), "KEYED": "1" if keyed else "0"},
         timeout=seconds + 60,
     )
     out = proc.stdout
