@@ -35,8 +35,8 @@ lock: | $(LOCK_TOOLS)/bin/pip-compile  ## re-pin requirements.lock and requireme
 	$(LOCK) --output-file requirements.lock setup.cfg
 	$(LOCK) --extra test --output-file requirements-test.lock setup.cfg
 
-run: $(RUN_STAMP)  ## start gunicorn on 127.0.0.1:8080 (sandbox mode unless CXone is configured)
-	$(BIN)/gunicorn -c gunicorn.conf.py app:app
+run: $(RUN_STAMP)  ## dtmf-gateway serve: gunicorn (DTMF_SERVER=granian for granian) on 127.0.0.1:8080 (sandbox mode unless CXone is configured)
+	$(BIN)/dtmf-gateway serve
 
 test: $(TEST_STAMP)  ## lint, format and type checks, then the whole suite
 	$(BIN)/ruff check .

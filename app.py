@@ -1,15 +1,9 @@
-"""The WSGI entry point: ``gunicorn app:app``."""
+"""The WSGI entry point: ``gunicorn -c gunicorn.conf.py app:app`` (or ``dtmf-gateway serve``).
 
-import sys
+The application is built in dtmf_service/wiring/wsgi.py, which refuses to serve under a server
+that ran none of the service's lifecycle (wiring/lifecycle.py).
+"""
 
-from dtmf_service import create_app
-from dtmf_service.config import ConfigError
-
-try:
-    app = create_app()
-except ConfigError as exc:
-    # One clear line, then exit code 4: gunicorn's "App failed to load", which stops the master too.
-    print(f"dtmf-gateway: configuration error: {exc}", file=sys.stderr, flush=True)
-    sys.exit(4)
+from dtmf_service.wiring.wsgi import app, create_app
 
 __all__ = ["app", "create_app"]

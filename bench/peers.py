@@ -12,8 +12,8 @@ One fake upstream (bench/upstream.py) for the whole run, its delay switched betw
 Prints a table with ratios to go-seed and every issue 21 target marked met or missed, and writes
 bench/results/peers-<timestamp>.{json,txt}.
 
---via-serve starts both gateway servers through ``dtmf-gateway serve`` (DTMF_SERVER, DTMF_BIND,
-DTMF_WORKERS, DTMF_THREADS; issue 21 item 1) instead of their own command lines.
+Both gateway servers start through ``dtmf-gateway serve`` (DTMF_SERVER, DTMF_BIND, DTMF_WORKERS,
+DTMF_THREADS), so each runs the service's lifecycle and its one audit delivery process per host.
 """
 
 from __future__ import annotations
@@ -132,14 +132,8 @@ def build_go_seed(source: Path, out_dir: Path) -> tuple[Path | None, str]:
 # --- starting the targets ------------------------------------------------------------------------
 
 
-def serve_available() -> bool:
-    """Whether ``dtmf-gateway serve`` exists yet (issue 21 item 1)."""
-    proc = subprocess.run([str(BIN / "dtmf-gateway"), "serve", "--help"], capture_output=True, cwd=ROOT)
-    return proc.returncode == 0
-
-
 def start_target(
-    target: str, up_port: int, workdir: Path, statsd_port: int, go_binary: Path | None, via_serve: bool
+    target: str, up_port: int, workdir: Path, statsd_port: int, go_binary: Path | None
 ) -> Server:
     """One target on a free loopback port, pointed at the one fake upstream."""
     port = free_port()
@@ -161,40 +155,16 @@ def start_target(
         "DTMF_GUNICORN_LOG_LEVEL": "warning",
         **gateway_env(f"{up}/api/v2", own, "audit50" if audit else "off", up_port, 0, statsd_port),
     }
-    if via_serve:
-        env.update(
-            {
-                "DTMF_SERVER": server_name,
-                "DTMF_BIND": f"127.0.0.1:{port}",
-                "DTMF_WORKERS": str(WORKERS),
-                "DTMF_THREADS": str(THREADS),
-            }
-        )
-        return Server("app:app", env, command=[str(BIN / "dtmf-gateway"), "serve"], port=port)
-    if server_name == GUNICORN:
-        return Server("app:app", env, port=port)
-    # granian runs none of gunicorn.conf.py's hooks: the shared metrics directory is made here
-    # (on_starting's job), fresh so the totals start from zero.
-    metrics_dir = own / "metrics"
-    metrics_dir.mkdir(exist_ok=True)
-    env["DTMF_METRICS_DIR"] = str(metrics_dir)
-    command = [
-        str(BIN / "granian"),
-        "--interface",
-        "wsgi",
-        "--workers",
-        str(WORKERS),
-        "--blocking-threads",
-        str(THREADS),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "app:app",
-    ]
-    return Server("app:app", env, command=command, port=port)
+    # Both servers through `dtmf-gateway serve` (issue 21 item 1), as `make run` and the unit start them.
+    env.update(
+        {
+            "DTMF_SERVER": server_name,
+            "DTMF_BIND": f"127.0.0.1:{port}",
+            "DTMF_WORKERS": str(WORKERS),
+            "DTMF_THREADS": str(THREADS),
+        }
+    )
+    return Server("app:app", env, command=[str(BIN / "dtmf-gateway"), "serve"], port=port)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -217,9 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         skipped[GO_SEED] = go_note
         targets.remove(GO_SEED)
         print(f"skipping go-seed: {go_note}", flush=True)
-    if args.via_serve and not serve_available():
-        sys.exit("--via-serve: `dtmf-gateway serve` is not there yet (issue 21 item 1)")
-    if shutil.which(str(BIN / "granian")) is None and not args.via_serve:
+    if shutil.which(str(BIN / "granian")) is None:
         for name in (GRANIAN, GRANIAN_AUDIT):
             skipped[name] = "granian not installed (pip install '.[granian]')"
             targets.remove(name)
@@ -237,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     # Alternating: every target once per (round, delay), the order rotated each round.
                     shift = (round_number - 1) % len(targets)
                     for target in targets[shift:] + targets[:shift]:
-                        server = start_target(target, up_port, workdir, statsd.port, go_binary, args.via_serve)
+                        server = start_target(target, up_port, workdir, statsd.port, go_binary)
                         try:
                             for connections in connection_counts:
                                 result = measure(
@@ -275,7 +243,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "cpus": os.cpu_count(),
         "versions": versions(go_note if go_binary else None),
-        "via_serve": args.via_serve,
         "skipped": skipped,
         "results": [asdict(r) for r in results],
     }
@@ -524,7 +491,7 @@ def profile(args: argparse.Namespace) -> int:
     statsd = UdpDrain()
     try:
         with Upstream(50) as up_port:
-            server = start_target(GRANIAN_AUDIT, up_port, workdir, statsd.port, None, args.via_serve)
+            server = start_target(GRANIAN_AUDIT, up_port, workdir, statsd.port, None)
             try:
                 run_wrk(wrk, server.url, 64, 2)
                 out = workdir / "profile.txt"
@@ -571,7 +538,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 round of 4 s instead of 2 rounds of 8 s")
     parser.add_argument("--seconds", type=float, help="seconds of load per scenario")
     parser.add_argument("--rounds", type=int, help="rounds; each figure is the median over them")
-    parser.add_argument("--via-serve", action="store_true", help="start the gateways with `dtmf-gateway serve`")
     parser.add_argument("--profile", action="store_true", help="py-spy: where granian + audit spends its CPU")
     args = parser.parse_args(argv)
     if args.profile:

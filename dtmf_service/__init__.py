@@ -47,6 +47,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, operator: bool | No
     from dtmf_service.web.tracing import trace_from_header
     from dtmf_service.web.views import bp
     from dtmf_service.wiring import build, build_operator
+    from dtmf_service.wiring.lifecycle import delivery_in_process
 
     app = Flask(__name__)
     if test_config is None:
@@ -62,7 +63,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, operator: bool | No
         app.extensions["dtmf"] = build_operator(app.config)
         register_cli(app)
         return app
-    components = build(app.config)
+    components = build(app.config, deliver=delivery_in_process())
     app.extensions["dtmf"] = components
     if app.config["PROXY_COUNT"]:
         # X-Forwarded-* only from FORWARDED_ALLOW_IPS (nginx on this host by default), never from anyone.

@@ -234,3 +234,12 @@ def main() -> None:
 
 for _command in dtmf.commands.values():
     main.add_command(_command)
+
+
+@main.command("serve", with_appcontext=False)
+def serve_command() -> None:
+    """Start the service: DTMF_SERVER (gunicorn, the default, or granian), DTMF_BIND, DTMF_WORKERS,
+    DTMF_THREADS."""
+    from dtmf_service.wiring.serve import serve
+
+    sys.exit(serve())

@@ -137,6 +137,9 @@ DEPLOYMENT_KEYS = frozenset(
         "CONTROL_SOCKET",
         "REQUEST_READ_TIMEOUT_S",
         "PIDFILE",
+        "SERVER",  # dtmf-gateway serve: gunicorn or granian
+        "LIFECYCLE",  # set by the master for its workers (wiring/lifecycle.py)
+        "DELIVERY",
     }
 )
 

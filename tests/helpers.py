@@ -1,4 +1,4 @@
-"""Test helpers: free ports, a gunicorn process, real receivers for audit sinks."""
+"""Test helpers: free ports, the gateway under gunicorn or granian, real receivers for audit sinks."""
 
 from __future__ import annotations
 
@@ -77,8 +77,28 @@ def healthy(url: str) -> bool:
         return False
 
 
-class Gunicorn:
-    """A real gunicorn master running app:app with gunicorn.conf.py on a free loopback port."""
+# The server integration tests start: "gunicorn" or "granian" (tests/conftest.py's ``server_kind``
+# fixture sets it for each parametrised test; DTMF_TEST_SERVER for a whole run).
+SERVERS = ("gunicorn", "granian")
+SERVER = os.environ.get("DTMF_TEST_SERVER", "gunicorn")
+
+
+def is_delivery_process(pid: int) -> bool:
+    """The host's audit delivery process (dtmf_service/wiring/delivery_process.py), not a worker."""
+    try:
+        return b"delivery_process" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def worker_pids(master: int) -> list[int]:
+    """A server master's worker processes: its children but the audit delivery process."""
+    return [pid for pid in child_pids(master) if not is_delivery_process(pid)]
+
+
+class Gateway:
+    """The real gateway on a free loopback port: gunicorn with gunicorn.conf.py (``gunicorn -c
+    gunicorn.conf.py app:app``), or granian through ``dtmf-gateway serve`` (DTMF_SERVER=granian)."""
 
     def __init__(
         self,
@@ -87,51 +107,71 @@ class Gunicorn:
         threads: int = 8,
         port: int | None = None,
         log_path: Path | None = None,
+        server: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.server = server or SERVER
         self.env = {**os.environ, **env}
         self.workers = workers
         self.threads = threads
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> Gunicorn:
+    def argv(self) -> list[str]:
+        if self.server == "granian":
+            self.env.update(
+                {
+                    "DTMF_SERVER": "granian",
+                    "DTMF_BIND": f"127.0.0.1:{self.port}",
+                    "DTMF_WORKERS": str(self.workers),
+                    "DTMF_THREADS": str(self.threads),
+                }
+            )
+            return [str(BIN / "dtmf-gateway"), "serve"]
+        return [
+            str(BIN / "gunicorn"),
+            "-c",
+            "gunicorn.conf.py",
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--workers",
+            str(self.workers),
+            "--threads",
+            str(self.threads),
+            "app:app",
+        ]
+
+    def start(self, timeout: float = 20.0) -> Gateway:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [
-                str(BIN / "gunicorn"),
-                "-c",
-                "gunicorn.conf.py",
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--workers",
-                str(self.workers),
-                "--threads",
-                str(self.threads),
-                "app:app",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
+            self.argv(), cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text()[-3000:] if self.log_path else ""
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{tail}")
+                raise RuntimeError(f"{self.server} exited with {self.proc.returncode}:\n{tail}")
             # Healthy means one worker answers; tests that count or kill workers need all of them.
             if len(self.worker_pids()) == self.workers and healthy(self.url):
                 return self
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError("gunicorn did not become healthy")
+        raise RuntimeError(f"{self.server} did not become healthy")
 
     def worker_pids(self) -> list[int]:
+        """The worker processes (the master's children but the audit delivery process)."""
         assert self.proc is not None
-        return child_pids(self.proc.pid)
+        return worker_pids(self.proc.pid)
+
+    def delivery_pid(self) -> int | None:
+        assert self.proc is not None
+        return next((pid for pid in all_descendants(self.proc.pid) if is_delivery_process(pid)), None)
+
+    def reload(self) -> None:
+        """SIGHUP to the master: gunicorn and granian both replace their workers gracefully."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
@@ -143,11 +183,30 @@ class Gunicorn:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait(5)
 
-    def __enter__(self) -> Gunicorn:
+    def __enter__(self) -> Gateway:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def all_descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, whichever of its threads started it."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(p) for p in Path(f"/proc/{current}/task/{task}/children").read_text().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            todo.extend(children)
+    return found
 
 
 class WebhookReceiver:

@@ -70,7 +70,7 @@ class AuditTrail:
                 exporter.record(event)
             except Exception as exc:  # noqa: BLE001 - one exporter failing never stops another
                 log.error("metrics exporter %r failed: %s", name, type(exc).__name__)
-        if self.outbox is not None and self.delivery is not None:
+        if self.outbox is not None:
             ticket = outcome.intent.ticket if outcome.intent is not None else None
             try:
                 self.outbox.commit(event, ticket)  # durable before the response leaves this worker
@@ -78,8 +78,9 @@ class AuditTrail:
                 self._metrics.audit_lost()
                 log.error("audit outbox: could not write an event (%s); it is lost", type(exc).__name__)
             else:
-                self.delivery.start()
-                self.delivery.notify()
+                if self.delivery is not None:  # else the host's delivery process polls the outbox
+                    self.delivery.start()
+                    self.delivery.notify()
         return event
 
     def _event(self, outcome: Outcome, ctx: RequestContext) -> dict[str, Any]:

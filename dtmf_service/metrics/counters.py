@@ -211,6 +211,16 @@ def fold_dead(directory: str, pid: int) -> None:
     os.unlink(path)
 
 
+def process_pids(directory: str) -> list[int]:
+    """The pids that have a counters file in ``directory``."""
+    found = []
+    for path in glob.glob(os.path.join(directory, "counters-*.bin")):
+        digits = os.path.basename(path)[len("counters-") : -len(".bin")]
+        if digits.isdigit():
+            found.append(int(digits))
+    return found
+
+
 def wipe(directory: str) -> None:
     """Remove every process file: a new master starts from zero."""
     for path in [*glob.glob(os.path.join(directory, "counters-*.bin")), os.path.join(directory, _ARCHIVE)]:

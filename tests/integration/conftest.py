@@ -1,4 +1,5 @@
-"""Integration fixtures: gunicorn with 4 workers in front of the simulator, in either dialect."""
+"""Integration fixtures: the gateway (gunicorn or granian, ``server_kind``) with 4 workers in front of
+the simulator, in either dialect."""
 
 import subprocess
 import sys
@@ -6,7 +7,8 @@ import sys
 import pytest
 import requests
 
-from tests.helpers import ROOT, Gunicorn, RedisServer, WebhookReceiver, free_port, wait_until
+from tests import helpers
+from tests.helpers import ROOT, SERVERS, Gateway, RedisServer, WebhookReceiver, free_port, wait_until
 
 
 def dialect_env(dialect, sim_url):
@@ -42,12 +44,24 @@ def gateway_env(tmp_path):
     }
 
 
+@pytest.fixture(params=SERVERS)
+def server_kind(request, monkeypatch):
+    """Every test that starts the gateway runs under each server: through ``start_gateway``, or with
+    ``pytestmark = pytest.mark.usefixtures("server_kind")`` where a module builds ``Gateway`` itself.
+    ``@pytest.mark.gunicorn_only("why")``: a guarantee about a mechanism granian does not have."""
+    marker = request.node.get_closest_marker("gunicorn_only")
+    if request.param != "gunicorn" and marker is not None:
+        pytest.skip(f"gunicorn only: {marker.args[0]}")
+    monkeypatch.setattr(helpers, "SERVER", request.param)
+    return request.param
+
+
 @pytest.fixture
-def start_gunicorn(tmp_path):
+def start_gateway(tmp_path, server_kind):
     started = []
 
     def factory(env, workers=4, threads=8):
-        server = Gunicorn(env, workers=workers, threads=threads, log_path=tmp_path / "gunicorn.log").start()
+        server = Gateway(env, workers=workers, threads=threads, log_path=tmp_path / f"{server_kind}.log").start()
         started.append(server)
         return server
 

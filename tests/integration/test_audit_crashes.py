@@ -15,10 +15,10 @@ import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import Gunicorn, read_jsonl, wait_until
+from tests.helpers import Gateway, read_jsonl, wait_until
 from tests.integration.conftest import dialect_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("server_kind")]
 
 
 def audit_env(tmp_path, gateway_env, sim_url, webhook, **extra):
@@ -89,7 +89,7 @@ def request_ids(events):
 
 def test_sigkill_of_workers_under_load_loses_no_answered_event(tmp_path, gateway_env, sim_url, webhook):
     env = audit_env(tmp_path, gateway_env, sim_url, webhook)
-    server = Gunicorn(env, workers=4, threads=8, log_path=tmp_path / "g.log").start()
+    server = Gateway(env, workers=4, threads=8, log_path=tmp_path / "g.log").start()
     kills = []
 
     def kill_one():
@@ -111,13 +111,13 @@ def test_sigkill_of_workers_under_load_loses_no_answered_event(tmp_path, gateway
 def test_sigkill_of_the_master_loses_no_answered_event(tmp_path, gateway_env, sim_url, webhook):
     env = audit_env(tmp_path, gateway_env, sim_url, webhook)
     webhook.status = 500  # nothing gets out before the crash: it all has to come from the outbox
-    first = Gunicorn(env, workers=2, threads=8, log_path=tmp_path / "g1.log").start()
+    first = Gateway(env, workers=2, threads=8, log_path=tmp_path / "g1.log").start()
     answered = Load(lambda: first.url, seconds=3.0).run()
     assert len(answered) > 30
     os.killpg(first.proc.pid, signal.SIGKILL)  # master and workers, at once
     first.proc.wait(10)
     webhook.status = 200
-    second = Gunicorn(env, workers=2, threads=8, log_path=tmp_path / "g2.log").start()
+    second = Gateway(env, workers=2, threads=8, log_path=tmp_path / "g2.log").start()
     try:
         wait_until(lambda: answered <= request_ids(webhook.events), timeout=60, interval=0.5)
         wait_until(lambda: answered <= request_ids(read_jsonl(tmp_path / "audit.jsonl")), timeout=30)
@@ -130,7 +130,7 @@ def test_a_request_killed_after_the_post_reached_cxone_is_audited_as_submission_
 ):
     env = audit_env(tmp_path, gateway_env, sim_url, webhook)
     sim.script("dtmf:call-1", [{"status": 200, "delay_s": 5.0, "body": {"ok": True}}])
-    server = Gunicorn(env, workers=1, threads=4, log_path=tmp_path / "g.log").start()
+    server = Gateway(env, workers=1, threads=4, log_path=tmp_path / "g.log").start()
     try:
         (worker,) = server.worker_pids()
         rid = uuid.uuid4().hex

@@ -11,10 +11,10 @@ import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import Gunicorn, UdpReceiver, post, wait_until
+from tests.helpers import Gateway, UdpReceiver, post, wait_until
 from tests.integration.conftest import dialect_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("server_kind")]
 
 
 @pytest.fixture
@@ -57,11 +57,11 @@ def send_many(url, bodies, workers=16):
 
 
 def test_every_event_reaches_every_sink_exactly_once(
-    tmp_path, sim_url, gateway_env, start_gunicorn, webhook, udp_servers
+    tmp_path, sim_url, gateway_env, start_gateway, webhook, udp_servers
 ):
     syslog, statsd = udp_servers
     env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port)}
-    gateway = start_gunicorn(env)
+    gateway = start_gateway(env)
     bodies = [VALID] * 200 + [{**VALID, "digits": "no"}] * 50 + [{**VALID, "interaction_id": "missing-3"}] * 50
     statuses = send_many(gateway.url, bodies)
     assert len(statuses) == 300
@@ -95,7 +95,7 @@ def test_webhook_down_across_a_restart_loses_nothing(tmp_path, sim_url, gateway_
     syslog, statsd = udp_servers
     webhook.stop()  # down: the port is closed
     env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port)}
-    first = Gunicorn(env, workers=4, log_path=tmp_path / "g1.log").start()
+    first = Gateway(env, workers=4, log_path=tmp_path / "g1.log").start()
     try:
         statuses = send_many(first.url, [VALID] * 120)
         assert statuses == [200] * 120
@@ -105,7 +105,7 @@ def test_webhook_down_across_a_restart_loses_nothing(tmp_path, sim_url, gateway_
     expected = set(file_ids(tmp_path))
     assert len(expected) == 120
     webhook.start()
-    second = Gunicorn(env, workers=4, log_path=tmp_path / "g2.log").start()
+    second = Gateway(env, workers=4, log_path=tmp_path / "g2.log").start()
     try:
         wait_until(lambda: set(webhook.ids()) >= expected, timeout=30)
         wait_until(lambda: audit_pending(second.url) == 0, timeout=10)
@@ -114,11 +114,11 @@ def test_webhook_down_across_a_restart_loses_nothing(tmp_path, sim_url, gateway_
     assert set(webhook.ids()) == expected  # at least once; receivers deduplicate on event_id
 
 
-def test_slow_webhook_does_not_slow_callers(tmp_path, sim_url, gateway_env, start_gunicorn, webhook, udp_servers):
+def test_slow_webhook_does_not_slow_callers(tmp_path, sim_url, gateway_env, start_gateway, webhook, udp_servers):
     syslog, statsd = udp_servers
     webhook.delay_s = 1.0
     env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port)}
-    gateway = start_gunicorn(env)
+    gateway = start_gateway(env)
     latencies = []
     with requests.Session() as session:
         for _ in range(40):
@@ -140,7 +140,7 @@ def test_sigterm_during_a_retry_wait_completes_the_request_and_keeps_its_event(
         **sinks_env(tmp_path, webhook, syslog.port, statsd.port),
         "DTMF_CXONE_BACKOFF_MAX_S": "8",
     }
-    server = Gunicorn(env, workers=2, log_path=tmp_path / "g.log").start()
+    server = Gateway(env, workers=2, log_path=tmp_path / "g.log").start()
     sim.script("dtmf:call-1", [{"status": 429, "headers": {"Retry-After": "2"}}])
     result = {}
 
@@ -166,7 +166,7 @@ def test_sighup_reload_with_the_webhook_down_loses_nothing(tmp_path, sim_url, ga
     syslog, statsd = udp_servers
     webhook.stop()
     env = {**gateway_env, **dialect_env("tutorial", sim_url), **sinks_env(tmp_path, webhook, syslog.port, statsd.port)}
-    server = Gunicorn(env, workers=2, log_path=tmp_path / "g.log").start()
+    server = Gateway(env, workers=2, log_path=tmp_path / "g.log").start()
     try:
         assert send_many(server.url, [VALID] * 60) == [200] * 60
         wait_until(lambda: len(file_ids(tmp_path)) == 60, timeout=20)
@@ -181,7 +181,7 @@ def test_sighup_reload_with_the_webhook_down_loses_nothing(tmp_path, sim_url, ga
 
 
 def test_unauthenticated_requests_are_neither_counted_nor_audited(
-    tmp_path, sim_url, gateway_env, start_gunicorn, webhook, udp_servers
+    tmp_path, sim_url, gateway_env, start_gateway, webhook, udp_servers
 ):
     syslog, statsd = udp_servers
     env = {
@@ -191,7 +191,7 @@ def test_unauthenticated_requests_are_neither_counted_nor_audited(
         "DTMF_API_KEYS": "k-1-0123456789abcdef",
         "DTMF_METRICS_PUBLIC": "true",
     }
-    gateway = start_gunicorn(env, workers=2)
+    gateway = start_gateway(env, workers=2)
     assert post(gateway.url, VALID).status_code == 401
     assert post(gateway.url, VALID, {"Authorization": "Bearer k-1-0123456789abcdef"}).status_code == 200
     wait_until(lambda: len(file_ids(tmp_path)) == 1, timeout=10)
@@ -201,7 +201,7 @@ def test_unauthenticated_requests_are_neither_counted_nor_audited(
 
 
 def test_a_refused_event_becomes_a_dead_letter_and_never_blocks_the_batch(
-    tmp_path, sim_url, gateway_env, start_gunicorn, webhook, udp_servers
+    tmp_path, sim_url, gateway_env, start_gateway, webhook, udp_servers
 ):
     syslog, statsd = udp_servers
     webhook.reject_if = lambda event: event.get("interaction_id") == "poison-1"
@@ -214,7 +214,7 @@ def test_a_refused_event_becomes_a_dead_letter_and_never_blocks_the_batch(
         "DTMF_AUDIT_RETRY_ATTEMPTS": "2",
         "DTMF_METRICS_PUBLIC": "true",
     }
-    gateway = start_gunicorn(env, workers=2)
+    gateway = start_gateway(env, workers=2)
     assert post(gateway.url, {**VALID, "interaction_id": "poison-1"}).status_code == 200
     assert send_many(gateway.url, [VALID] * 30) == [200] * 30
     wait_until(lambda: len(webhook.events) == 30, timeout=20)  # the rest went through, batched
@@ -229,7 +229,7 @@ def test_a_refused_event_becomes_a_dead_letter_and_never_blocks_the_batch(
 
 
 def test_an_upgrade_delivers_what_the_previous_versions_spool_held(
-    tmp_path, sim_url, gateway_env, start_gunicorn, webhook
+    tmp_path, sim_url, gateway_env, start_gateway, webhook
 ):
     import uuid
 
@@ -241,6 +241,6 @@ def test_an_upgrade_delivers_what_the_previous_versions_spool_held(
     )
     env = {**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_AUDIT_SINKS": "webhook",
            "DTMF_AUDIT_WEBHOOK_URL": webhook.url}  # fmt: skip
-    start_gunicorn(env, workers=2)
+    start_gateway(env, workers=2)
     wait_until(lambda: set(webhook.ids()) >= set(ids), timeout=20)
     assert not list(legacy.iterdir())

@@ -23,7 +23,7 @@ from tests.deploy_files import (
     split,
     unit_value,
 )
-from tests.helpers import ROOT, child_pids, free_port, wait_until
+from tests.helpers import ROOT, all_descendants, free_port, wait_until, worker_pids
 
 pytestmark = pytest.mark.slow
 KEY = "deploy-test-key-0123456789abcdef"
@@ -87,7 +87,7 @@ def installed(tmp_path, closed_port):
     def up():
         assert proc.poll() is None, (tmp_path / "gunicorn.log").read_text()[-3000:]
         try:
-            return requests.get(f"{url}/healthz", timeout=1).status_code == 200 and len(child_pids(proc.pid)) == 2
+            return requests.get(f"{url}/healthz", timeout=1).status_code == 200 and len(worker_pids(proc.pid)) == 2
         except requests.RequestException:
             return False
 
@@ -132,7 +132,7 @@ def test_readme_cli_invocation_reaches_the_running_service_outbox(installed):
     rows = wait_until(lambda: (s := status())["file"]["pending"] == 0 and s, timeout=20, interval=0.3)
     assert rows["webhook"]["pending"] == 3  # the backlog the running service holds for the down sink
     # The secrets came from credential files: none is in the processes' environment.
-    for pid in [proc.pid, *child_pids(proc.pid)]:
+    for pid in [proc.pid, *all_descendants(proc.pid)]:  # the delivery process too
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert SECRET.encode() not in environ and b"DTMF_IDEMPOTENCY_HASH_KEY_FILE=" in environ
 
@@ -141,9 +141,9 @@ def test_pid_file_drives_readme_reload_and_stop(installed, tmp_path):
     proc, url, paths = installed
     pidfile = mapped(parse_environment_file(readme_env_file())["DTMF_PIDFILE"], paths)
     assert int(open(pidfile).read()) == proc.pid
-    before = set(child_pids(proc.pid))
+    before = set(worker_pids(proc.pid))
     subprocess.run(["sh", "-c", readme_command(r"kill -HUP ", paths)], check=True)
-    wait_until(lambda: len(set(child_pids(proc.pid)) - before) == 2, timeout=30)
+    wait_until(lambda: len(set(worker_pids(proc.pid)) - before) == 2, timeout=30)
     subprocess.run(["sh", "-c", readme_command(r"kill -TERM ", paths)], check=True)
     assert proc.wait(40) == 0
     assert not os.path.exists(pidfile)
@@ -156,9 +156,9 @@ def test_every_file_the_service_creates_is_0600_in_0700_directories(installed, t
     audit = tmp_path / "log" / "audit" / "audit.jsonl"
     wait_until(lambda: audit.exists() and audit.read_text(), timeout=20)
     # A reload: old workers exit and the master folds their counters into the metrics archive.
-    before = set(child_pids(proc.pid))
+    before = set(worker_pids(proc.pid))
     os.kill(proc.pid, signal.SIGHUP)
-    wait_until(lambda: len(set(child_pids(proc.pid)) - before) == 2, timeout=30)
+    wait_until(lambda: len(set(worker_pids(proc.pid)) - before) == 2, timeout=30)
     wait_until(lambda: (tmp_path / "run" / "metrics" / "archive.json").exists(), timeout=10)
     time.sleep(0.2)
     pidfile = mapped(parse_environment_file(readme_env_file())["DTMF_PIDFILE"], paths)

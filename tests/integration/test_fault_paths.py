@@ -41,7 +41,7 @@ def metrics(url):
 
 
 def test_tls_broken_after_the_post_is_504_unknown_and_a_keyed_retry_does_not_press_again(
-    tmp_path, audited_env, sim_url, start_gunicorn
+    tmp_path, audited_env, sim_url, start_gateway
 ):
     cert = make_certificate(tmp_path)
     upstream = RawUpstream(garbage_outside_tls, cert)
@@ -52,7 +52,7 @@ def test_tls_broken_after_the_post_is_504_unknown_and_a_keyed_retry_does_not_pre
             "DTMF_CXONE_TOKEN_URL": f"{sim_url}/api/v2/oauth/token",
             "DTMF_CXONE_CA_BUNDLE": str(cert[0]),
         }
-        gateway = start_gunicorn(env, workers=2)
+        gateway = start_gateway(env, workers=2)
         first = keyed(gateway.url, "tls-1")
         assert first.status_code == 504
         assert first.json() == {**first.json(), "status": "submission_unknown", "cxone_status": None}
@@ -63,7 +63,7 @@ def test_tls_broken_after_the_post_is_504_unknown_and_a_keyed_retry_does_not_pre
         upstream.close()
 
 
-def test_trickling_answer_is_cut_at_the_deadline_and_a_repeat_meanwhile_is_409(audited_env, sim_url, start_gunicorn):
+def test_trickling_answer_is_cut_at_the_deadline_and_a_repeat_meanwhile_is_409(audited_env, sim_url, start_gateway):
     upstream = RawUpstream(trickle(0.3, 60))
     try:
         env = {
@@ -73,7 +73,7 @@ def test_trickling_answer_is_cut_at_the_deadline_and_a_repeat_meanwhile_is_409(a
             "DTMF_CXONE_RETRY_BUDGET_S": "1",
             "DTMF_CXONE_READ_TIMEOUT_S": "1",
         }
-        gateway = start_gunicorn(env, workers=2)
+        gateway = start_gateway(env, workers=2)
         outcome = {}
 
         def first():
@@ -108,9 +108,9 @@ db.execute("ROLLBACK")
 """
 
 
-def test_sqlite_store_locked_by_another_process_after_cxone_answered(tmp_path, audited_env, sim, start_gunicorn):
+def test_sqlite_store_locked_by_another_process_after_cxone_answered(tmp_path, audited_env, sim, start_gateway):
     sim.script("dtmf:call-1", [{"status": 200, "delay_s": 1.0, "body": {"ok": True}}])
-    gateway = start_gunicorn(audited_env, workers=2)
+    gateway = start_gateway(audited_env, workers=2)
     db_path = audited_env["DTMF_IDEMPOTENCY_STORE"][len("sqlite:///") :]
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("r", keyed(gateway.url, "locked-1")))
@@ -140,7 +140,7 @@ def test_sqlite_store_locked_by_another_process_after_cxone_answered(tmp_path, a
         assert db.execute("SELECT count(*) FROM idempotency WHERE state='in_flight'").fetchone()[0] == 0
 
 
-def test_redis_killed_mid_request_still_answers_the_truth(tmp_path, audited_env, sim, start_gunicorn):
+def test_redis_killed_mid_request_still_answers_the_truth(tmp_path, audited_env, sim, start_gateway):
     if RedisServer.BINARY is None:
         pytest.skip("REDIS NOT INSTALLED: .ci/run installs redis-server")
     redis_server = RedisServer(tmp_path / "redis", persistent=True)
@@ -148,7 +148,7 @@ def test_redis_killed_mid_request_still_answers_the_truth(tmp_path, audited_env,
     redis_server.start()
     sim.script("dtmf:call-1", [{"status": 200, "delay_s": 1.0, "body": {"ok": True}}])
     env = {**audited_env, "DTMF_IDEMPOTENCY_STORE": redis_server.url, "DTMF_IDEMPOTENCY_HASH_KEY": "k"}
-    gateway = start_gunicorn(env, workers=2)
+    gateway = start_gateway(env, workers=2)
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("r", keyed(gateway.url, "redis-1")))
     thread.start()
@@ -173,9 +173,9 @@ def test_redis_killed_mid_request_still_answers_the_truth(tmp_path, audited_env,
         redis_server.stop()
 
 
-def test_worker_killed_mid_request_leaves_the_key_taken_and_then_unknown(audited_env, sim, start_gunicorn):
+def test_worker_killed_mid_request_leaves_the_key_taken_and_then_unknown(audited_env, sim, start_gateway):
     sim.script("dtmf:call-1", [{"status": 200, "delay_s": 3.0, "body": {"ok": True}}])
-    gateway = start_gunicorn(audited_env, workers=1)
+    gateway = start_gateway(audited_env, workers=1)
     (worker,) = gateway.worker_pids()
     thread = threading.Thread(target=lambda: _swallow(lambda: keyed(gateway.url, "killed-1")))
     thread.start()
@@ -203,8 +203,8 @@ def _swallow(call):
         pass
 
 
-def test_a_body_nested_980_deep_is_400_counted_and_audited_under_gunicorn(tmp_path, audited_env, start_gunicorn):
-    gateway = start_gunicorn(audited_env, workers=1)
+def test_a_body_nested_980_deep_is_400_counted_and_audited_under_gunicorn(tmp_path, audited_env, start_gateway):
+    gateway = start_gateway(audited_env, workers=1)
     deep = "[" * 980 + "]" * 980
     body = '{"interaction_id":"c","digits":"1","timeout_ms":5000,"sequence_matrix_key":' + deep + "}"
     response = requests.post(
@@ -217,13 +217,13 @@ def test_a_body_nested_980_deep_is_400_counted_and_audited_under_gunicorn(tmp_pa
 
 
 def test_file_sink_on_a_full_disk_keeps_whole_lines_and_loses_nothing(
-    tmp_path, small_tmpfs, audited_env, start_gunicorn
+    tmp_path, small_tmpfs, audited_env, start_gateway
 ):
     filler = small_tmpfs / "filler"
     filler.write_bytes(b"x" * (60 * 1024))  # leave about 4 KiB: a few events fit, then the disk is full
     audit = small_tmpfs / "audit.jsonl"
     env = {**audited_env, "DTMF_AUDIT_FILE_PATH": str(audit), "DTMF_AUDIT_BACKOFF_MAX_S": "0.5"}
-    gateway = start_gunicorn(env, workers=2)
+    gateway = start_gateway(env, workers=2)
     answered = 0
     for _ in range(30):
         assert requests.post(f"{gateway.url}/api/dtmf/parse", json=VALID, timeout=10).status_code == 200
@@ -237,7 +237,7 @@ def test_file_sink_on_a_full_disk_keeps_whole_lines_and_loses_nothing(
     assert metrics(gateway.url)["audit_dropped"] == 0
 
 
-def test_an_outbox_folder_deleted_at_run_time_loses_nothing(tmp_path, gateway_env, sim_url, start_gunicorn):
+def test_an_outbox_folder_deleted_at_run_time_loses_nothing(tmp_path, gateway_env, sim_url, start_gateway):
     import shutil
 
     from tests.helpers import WebhookReceiver
@@ -252,7 +252,7 @@ def test_an_outbox_folder_deleted_at_run_time_loses_nothing(tmp_path, gateway_en
         "DTMF_AUDIT_RETRY_ATTEMPTS": "1",
         "DTMF_AUDIT_BACKOFF_MAX_S": "0.5",
     }
-    gateway = start_gunicorn(env, workers=2)
+    gateway = start_gateway(env, workers=2)
     for _ in range(5):
         assert requests.post(f"{gateway.url}/api/dtmf/parse", json=VALID, timeout=10).status_code == 200
     wait_until(lambda: metrics(gateway.url)["audit_pending"] == 5, timeout=15)
@@ -269,10 +269,10 @@ def test_an_outbox_folder_deleted_at_run_time_loses_nothing(tmp_path, gateway_en
 
 
 @pytest.mark.parametrize("path", ["/api//dtmf/parse", "//api/dtmf/parse"])
-def test_no_redirect_and_options_is_405_through_real_gunicorn(audited_env, start_gunicorn, path):
+def test_no_redirect_and_options_is_405_through_real_gunicorn(audited_env, start_gateway, path):
     import http.client
 
-    gateway = start_gunicorn(audited_env, workers=1)
+    gateway = start_gateway(audited_env, workers=1)
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
     conn.request("POST", path, body=b"{}", headers={"Host": "evil.example", "Content-Type": "application/json"})
     response = conn.getresponse()

@@ -67,7 +67,7 @@ def substitute(expression):
 
 
 @pytest.fixture
-def gateway(gateway_env, sim_url, start_gunicorn):
+def gateway(gateway_env, sim_url, start_gateway):
     webhook = WebhookReceiver().start()
     env = {
         **gateway_env,
@@ -76,7 +76,7 @@ def gateway(gateway_env, sim_url, start_gunicorn):
         "DTMF_AUDIT_SINKS": "webhook",
         "DTMF_AUDIT_WEBHOOK_URL": webhook.url,
     }
-    yield start_gunicorn(env, workers=2, threads=4)
+    yield start_gateway(env, workers=2, threads=4)
     webhook.stop()
 
 

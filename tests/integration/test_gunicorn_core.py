@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import BIN, ROOT, child_pids, free_port, healthy, post, wait_until
+from tests.helpers import BIN, ROOT, free_port, healthy, post, wait_until, worker_pids
 from tests.integration.conftest import dialect_env
 
 pytestmark = pytest.mark.slow
@@ -22,8 +22,8 @@ def dialect(request):
 
 
 @pytest.fixture
-def gateway(dialect, sim_url, gateway_env, start_gunicorn):
-    return start_gunicorn({**gateway_env, **dialect_env(dialect, sim_url)})
+def gateway(dialect, sim_url, gateway_env, start_gateway):
+    return start_gateway({**gateway_env, **dialect_env(dialect, sim_url)})
 
 
 def test_valid_request_is_submitted(gateway, sim, dialect):
@@ -127,9 +127,9 @@ def test_gunicorn_conf_reads_bind_workers_threads_from_the_environment(tmp_path,
     try:
         wait_until(lambda: healthy(f"http://127.0.0.1:{port}"), timeout=20)
         # Workers are forked one after another: healthy only means the first one answers.
-        wait_until(lambda: len(child_pids(proc.pid)) >= 3, timeout=20)
+        wait_until(lambda: len(worker_pids(proc.pid)) >= 3, timeout=20)
         time.sleep(0.5)
-        assert len(child_pids(proc.pid)) == 3
+        assert len(worker_pids(proc.pid)) == 3
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -37,7 +37,7 @@ def store_env(request, tmp_path):
 
 
 def test_a_replay_window_shorter_than_the_request_never_presses_twice(
-    sim_process, gateway_env, start_gunicorn, store_env
+    sim_process, gateway_env, start_gateway, store_env
 ):
     env = {
         **gateway_env,
@@ -45,7 +45,7 @@ def test_a_replay_window_shorter_than_the_request_never_presses_twice(
         **store_env,
         "DTMF_IDEMPOTENCY_TTL_S": "1",  # far below the 4 s CXone takes, and the 30 s of the killed request
     }
-    gateway = start_gunicorn(env, workers=2, threads=4)
+    gateway = start_gateway(env, workers=2, threads=4)
 
     # 1. A same-key retry while the first request still waits on CXone.
     sim_process.script("dtmf:slow-1", [{"status": 200, "delay_s": 4, "body": {"ok": True}}])
@@ -80,7 +80,7 @@ def _answered(url, key, interaction_id):
         return None  # the new workers are still starting
 
 
-def test_fingerprint_key_from_configuration_only(sim_process, gateway_env, start_gunicorn, tmp_path):
+def test_fingerprint_key_from_configuration_only(sim_process, gateway_env, start_gateway, tmp_path):
     """Issue 18 item 2: outside sandbox mode no key means no start (one line); in sandbox mode the
     master's in-memory key is shared by all its workers, and no key file is ever written."""
     store_dir = tmp_path / "idem"
@@ -88,12 +88,12 @@ def test_fingerprint_key_from_configuration_only(sim_process, gateway_env, start
     upstream = {k: v for k, v in dialect_env("tutorial", sim_process.url).items() if k != "DTMF_IDEMPOTENCY_HASH_KEY"}
     refused = {k: v for k, v in {**base, **upstream}.items() if k != "DTMF_IDEMPOTENCY_HASH_KEY"}
     with pytest.raises(RuntimeError, match="exited with 4") as info:
-        start_gunicorn(refused, workers=2, threads=2)
+        start_gateway(refused, workers=2, threads=2)
     lines = [line for line in str(info.value).splitlines() if "IDEMPOTENCY_HASH_KEY" in line]
     assert lines and "required outside sandbox mode" in lines[0]
 
     sandbox = {k: v for k, v in base.items() if k != "DTMF_IDEMPOTENCY_HASH_KEY"}
-    gateway = start_gunicorn(sandbox, workers=3, threads=2)
+    gateway = start_gateway(sandbox, workers=3, threads=2)
     answers = []
     for _ in range(9):  # new connections: spread over the three workers
         with requests.Session() as session:

@@ -40,13 +40,13 @@ def check_race(results, sim, urls):
         assert (conflict.status_code, conflict.json()["status"]) == (422, "idempotency_conflict")
 
 
-def test_sqlite_store_shared_by_four_workers(sim, sim_url, gateway_env, start_gunicorn):
+def test_sqlite_store_shared_by_four_workers(sim, sim_url, gateway_env, start_gateway):
     sim.script("dtmf:call-1", [{"status": 200, "delay_s": 0.3, "body": {"ok": True}}])
-    gateway = start_gunicorn({**gateway_env, **dialect_env("tutorial", sim_url)}, workers=4)
+    gateway = start_gateway({**gateway_env, **dialect_env("tutorial", sim_url)}, workers=4)
     check_race(race([gateway.url], "k-1", VALID), sim, [gateway.url])
 
 
-def test_redis_store_shared_by_two_instances(sim, sim_url, gateway_env, start_gunicorn, redis_url, tmp_path):
+def test_redis_store_shared_by_two_instances(sim, sim_url, gateway_env, start_gateway, redis_url, tmp_path):
     sim.script("dtmf:call-1", [{"status": 200, "delay_s": 0.3, "body": {"ok": True}}])
     env = {
         **gateway_env,
@@ -54,7 +54,7 @@ def test_redis_store_shared_by_two_instances(sim, sim_url, gateway_env, start_gu
         "DTMF_IDEMPOTENCY_STORE": redis_url,
         "DTMF_IDEMPOTENCY_HASH_KEY": "shared-fingerprint-key",
     }
-    first = start_gunicorn({**env, "DTMF_METRICS_DIR": str(tmp_path / "m1")}, workers=2)
-    second = start_gunicorn({**env, "DTMF_METRICS_DIR": str(tmp_path / "m2")}, workers=2)
+    first = start_gateway({**env, "DTMF_METRICS_DIR": str(tmp_path / "m1")}, workers=2)
+    second = start_gateway({**env, "DTMF_METRICS_DIR": str(tmp_path / "m2")}, workers=2)
     urls = [first.url, second.url]
     check_race(race(urls, "k-1", VALID), sim, urls)

@@ -27,14 +27,14 @@ def _metrics(url):
     return requests.get(f"{url}/api/metrics", timeout=10).json()
 
 
-def test_a_process_holding_the_outbox_lock_never_holds_an_answer_back(tmp_path, gateway_env, sim_url, start_gunicorn):
+def test_a_process_holding_the_outbox_lock_never_holds_an_answer_back(tmp_path, gateway_env, sim_url, start_gateway):
     env = {
         **gateway_env,
         **dialect_env("tutorial", sim_url),
         "DTMF_AUDIT_SINKS": "file",
         "DTMF_AUDIT_FILE_PATH": str(tmp_path / "audit.jsonl"),
     }
-    server = start_gunicorn(env, workers=2, threads=8)
+    server = start_gateway(env, workers=2, threads=8)
     for _ in range(4):
         assert requests.post(f"{server.url}/api/dtmf/parse", json=VALID, timeout=10).status_code == 200
     holder = SqliteLockHolder(tmp_path / "spool" / "outbox.db").hold()
@@ -83,7 +83,7 @@ def test_a_process_holding_the_outbox_lock_never_holds_an_answer_back(tmp_path, 
     assert after["audit_outbox_errors"] == 0
 
 
-def test_an_outbox_deleted_at_run_time_is_copied_once_per_host(tmp_path, gateway_env, sim_url, start_gunicorn):
+def test_an_outbox_deleted_at_run_time_is_copied_once_per_host(tmp_path, gateway_env, sim_url, start_gateway):
     receiver = WebhookReceiver().start()
     receiver.stop()  # down: events wait in the outbox
     env = {
@@ -93,7 +93,7 @@ def test_an_outbox_deleted_at_run_time_is_copied_once_per_host(tmp_path, gateway
         "DTMF_AUDIT_WEBHOOK_URL": receiver.url,
         "DTMF_AUDIT_BACKOFF_MAX_S": "0.5",
     }
-    server = start_gunicorn(env, workers=4, threads=4)
+    server = start_gateway(env, workers=4, threads=4)
     for _ in range(20):
         assert requests.post(f"{server.url}/api/dtmf/parse", json=VALID, timeout=10).status_code == 200
     wait_until(lambda: _metrics(server.url)["audit_pending"] == 20, timeout=15)

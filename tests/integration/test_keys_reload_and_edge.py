@@ -12,9 +12,9 @@ import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import Gunicorn, healthy, read_jsonl, wait_until
+from tests.helpers import Gateway, healthy, read_jsonl, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("server_kind")]
 
 GOOD = "good-key-0123456789"
 OTHER = "other-key-0123456789"
@@ -61,11 +61,11 @@ BAD_FILES = {
 }
 
 
-def test_a_bad_keys_file_at_a_reload_keeps_the_old_keys_and_the_master(tmp_path, gateway_env, start_gunicorn):
+def test_a_bad_keys_file_at_a_reload_keeps_the_old_keys_and_the_master(tmp_path, gateway_env, start_gateway):
     keys = tmp_path / "api-keys"
     keys.write_text(f"# ops\n{GOOD}\n")
     env = {**gateway_env, "DTMF_API_KEYS_FILE": str(keys), "DTMF_ALLOW_UNAUTHENTICATED": "true"}
-    gateway = start_gunicorn(env, workers=2, threads=2)
+    gateway = start_gateway(env, workers=2, threads=2)
     assert (status(gateway.url, GOOD), status(gateway.url, OTHER)) == (200, 401)
     assert requests.get(f"{gateway.url}/healthz", timeout=10).json()["api_keys"] == "ok"
     for name, spoil in BAD_FILES.items():
@@ -98,7 +98,7 @@ def test_a_bad_keys_file_at_a_reload_keeps_the_old_keys_and_the_master(tmp_path,
 def test_a_bad_keys_file_at_start_stops_start_up_with_one_line(tmp_path, gateway_env):
     keys = tmp_path / "api-keys"
     keys.write_text(f"# ops\n{GOOD}\ntoo-short\n")
-    gateway = Gunicorn({**gateway_env, "DTMF_API_KEYS_FILE": str(keys)}, workers=1, log_path=tmp_path / "g.log")
+    gateway = Gateway({**gateway_env, "DTMF_API_KEYS_FILE": str(keys)}, workers=1, log_path=tmp_path / "g.log")
     with pytest.raises(RuntimeError, match="exited with 4"):
         gateway.start()
     log = (tmp_path / "g.log").read_text()
@@ -107,14 +107,14 @@ def test_a_bad_keys_file_at_start_stops_start_up_with_one_line(tmp_path, gateway
 
 
 @pytest.fixture
-def behind_proxy(tmp_path, gateway_env, start_gunicorn):
+def behind_proxy(tmp_path, gateway_env, start_gateway):
     env = {
         **gateway_env,
         "DTMF_PROXY_COUNT": "1",
         "DTMF_AUDIT_SINKS": "file",
         "DTMF_AUDIT_FILE_PATH": str(tmp_path / "audit.jsonl"),
     }
-    return start_gunicorn(env, workers=1, threads=2)
+    return start_gateway(env, workers=1, threads=2)
 
 
 def post_from(source, port, headers):

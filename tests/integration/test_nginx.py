@@ -120,7 +120,7 @@ def nginx(tmp_path, certificate):
 
 
 @pytest.fixture
-def behind_nginx(tmp_path, sim_url, gateway_env, start_gunicorn, nginx):
+def behind_nginx(tmp_path, sim_url, gateway_env, start_gateway, nginx):
     env = {
         **gateway_env,
         **dialect_env("tutorial", sim_url),
@@ -129,7 +129,7 @@ def behind_nginx(tmp_path, sim_url, gateway_env, start_gunicorn, nginx):
         "DTMF_AUDIT_FILE_PATH": str(tmp_path / "audit.jsonl"),
         "DTMF_ACCESS_LOG": str(tmp_path / "gunicorn-access.log"),
     }
-    gateway = start_gunicorn(env, workers=2)
+    gateway = start_gateway(env, workers=2)
     return nginx(gateway.port)
 
 
@@ -214,13 +214,13 @@ def test_query_strings_never_reach_the_access_logs(behind_nginx, tmp_path):
 
 
 def test_worker_killed_after_the_request_was_passed_on_is_504_submission_unknown(
-    tmp_path, sim, sim_url, gateway_env, start_gunicorn, nginx
+    tmp_path, sim, sim_url, gateway_env, start_gateway, nginx
 ):
     import signal
     import threading
 
     sim.script("dtmf:call-1", [{"status": 200, "delay_s": 3.0, "body": {"ok": True}}])
-    gateway = start_gunicorn({**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_PROXY_COUNT": "1"}, workers=1)
+    gateway = start_gateway({**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_PROXY_COUNT": "1"}, workers=1)
     port = nginx(gateway.port)
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("r", send_from(port, VALID)))

@@ -140,14 +140,14 @@ def test_both_shapes_of_400_validate_against_the_document_exactly(client):
 
 
 @pytest.fixture
-def gateway(gateway_env, sim_url, start_gunicorn):
+def gateway(gateway_env, sim_url, start_gateway):
     env = {
         **gateway_env,
         **dialect_env("tutorial", sim_url),
         "DTMF_API_KEYS": KEY,
         "DTMF_METRICS_EXPORTERS": "memory,prometheus",
     }
-    return start_gunicorn(env, workers=2, threads=4)
+    return start_gateway(env, workers=2, threads=4)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 @pytest.fixture
-def gateway(gateway_env, sim_url, start_gunicorn):
+def gateway(gateway_env, sim_url, start_gateway):
     env = {
         **gateway_env,
         **dialect_env("tutorial", sim_url),
@@ -37,7 +37,7 @@ def gateway(gateway_env, sim_url, start_gunicorn):
         # 504 comes from a slow answer: CXone's read timeout cut short for the test.
         "DTMF_CXONE_READ_TIMEOUT_S": "3",
     }
-    return start_gunicorn(env, workers=2, threads=4)
+    return start_gateway(env, workers=2, threads=4)
 
 
 def generate_client(url, tmp_path):

@@ -20,12 +20,12 @@ from tests.integration.conftest import dialect_env
 pytestmark = pytest.mark.slow
 
 
-def test_api_keys_file_rotation_takes_effect_on_reload(tmp_path, gateway_env, sim_url, start_gunicorn):
+def test_api_keys_file_rotation_takes_effect_on_reload(tmp_path, gateway_env, sim_url, start_gateway):
     keys = tmp_path / "api-keys"
     keys.write_text("# rotated by ops\nold-key-0123456789\n")
     env = {**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_API_KEYS_FILE": str(keys)}
     env.pop("DTMF_ALLOW_UNAUTHENTICATED")
-    gateway = start_gunicorn(env, workers=3)
+    gateway = start_gateway(env, workers=3)
 
     def status(key):
         return requests.post(
@@ -43,10 +43,10 @@ def test_api_keys_file_rotation_takes_effect_on_reload(tmp_path, gateway_env, si
     assert {status("new-key-0123456789") for _ in range(30)} == {200}
 
 
-def test_every_access_log_line_is_json_whatever_the_caller_sends(tmp_path, gateway_env, sim_url, start_gunicorn):
+def test_every_access_log_line_is_json_whatever_the_caller_sends(tmp_path, gateway_env, sim_url, start_gateway):
     log = tmp_path / "access.log"
     env = {**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_ACCESS_LOG": str(log)}
-    gateway = start_gunicorn(env, workers=1)  # one writer: lines in request order
+    gateway = start_gateway(env, workers=1)  # one writer: lines in request order
     nasty = [
         ("/api/dtmf/parse%0A%7B%22forged%22%3A1%7D", {"User-Agent": "ua"}),
         ("/healthz", {"User-Agent": "trailing backslash \\", "traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"}),
@@ -75,8 +75,8 @@ def test_every_access_log_line_is_json_whatever_the_caller_sends(tmp_path, gatew
     assert all(set(r) >= {"remote", "method", "path", "status", "duration_ms"} for r in records)
 
 
-def test_dead_workers_counter_files_are_folded_and_totals_stay_exact(gateway_env, sim_url, start_gunicorn):
-    gateway = start_gunicorn({**gateway_env, **dialect_env("tutorial", sim_url)}, workers=2)
+def test_dead_workers_counter_files_are_folded_and_totals_stay_exact(gateway_env, sim_url, start_gateway):
+    gateway = start_gateway({**gateway_env, **dialect_env("tutorial", sim_url)}, workers=2)
     metrics_dir = gateway_env["DTMF_METRICS_DIR"]
     sent = 0
     for _ in range(6):
@@ -101,9 +101,9 @@ def _stall(port, payload):
     return sock
 
 
-def test_slow_clients_cannot_hold_the_threads(gateway_env, sim_url, start_gunicorn):
+def test_slow_clients_cannot_hold_the_threads(gateway_env, sim_url, start_gateway):
     env = {**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_REQUEST_READ_TIMEOUT_S": "1"}
-    gateway = start_gunicorn(env, workers=1, threads=2)
+    gateway = start_gateway(env, workers=1, threads=2)
     stalled = [_stall(gateway.port, b"P") for _ in range(4)]  # one byte, then silence
     try:
         started = time.monotonic()

@@ -38,7 +38,7 @@ def test_check_config_masks_secrets_and_names_a_bad_key(tmp_path, gateway_env):
     assert "did you mean AUDIT_DIGITS?" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_status_dead_letters_and_redeliver_while_the_service_runs(tmp_path, gateway_env, sim_url, start_gunicorn):
+def test_status_dead_letters_and_redeliver_while_the_service_runs(tmp_path, gateway_env, sim_url, start_gateway):
     webhook = WebhookReceiver().start()
     webhook.reject_if = lambda event: event.get("interaction_id") == "poison-1"
     env = {
@@ -50,7 +50,7 @@ def test_status_dead_letters_and_redeliver_while_the_service_runs(tmp_path, gate
         "DTMF_AUDIT_DIGITS": "masked",
     }
     try:
-        gateway = start_gunicorn(env, workers=2)
+        gateway = start_gateway(env, workers=2)
         body = {**VALID, "interaction_id": "poison-1", "digits": "4821"}
         assert requests.post(f"{gateway.url}/api/dtmf/parse", json=body, timeout=10).status_code == 200
 

@@ -8,11 +8,11 @@ import uuid
 import pytest
 
 from dtmf_service.audit.outbox_redis import RedisOutbox
-from tests.helpers import Gunicorn, WebhookReceiver, wait_until
+from tests.helpers import Gateway, WebhookReceiver, wait_until
 from tests.integration.conftest import dialect_env
 from tests.integration.test_audit_crashes import Load, request_ids
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("server_kind")]
 
 
 def make_event(**extra):
@@ -88,8 +88,8 @@ def test_two_instances_share_the_outbox_and_one_delivers_the_others_events_after
             "DTMF_IDEMPOTENCY_STORE": f"sqlite:///{tmp_path / name / 'idem.db'}",
         }
 
-    doomed = Gunicorn(env("a"), workers=2, threads=8, log_path=tmp_path / "a.log").start()
-    survivor = Gunicorn(env("b"), workers=2, threads=8, log_path=tmp_path / "b.log").start()
+    doomed = Gateway(env("a"), workers=2, threads=8, log_path=tmp_path / "a.log").start()
+    survivor = Gateway(env("b"), workers=2, threads=8, log_path=tmp_path / "b.log").start()
     try:
         answered = Load(lambda: doomed.url, threads=4, seconds=3.0).run()
         assert len(answered) > 20

@@ -14,9 +14,9 @@ import uuid
 
 import pytest
 
-from tests.helpers import BIN, ROOT, Gunicorn, post, read_jsonl, wait_until
+from tests.helpers import BIN, ROOT, Gateway, post, read_jsonl, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("server_kind")]
 
 VALID = {"digits": "12#", "timeout_ms": 5000, "sequence_matrix_key": "menu.main"}
 
@@ -69,7 +69,7 @@ def check_config(env):
 def test_readmes_plugin_example_runs_as_written(tmp_path, acme_package, webhook):
     env = env_for(tmp_path, acme_package, DTMF_AUDIT_SINKS="acme", DTMF_ACME_URL=webhook.url,
                   DTMF_ACME_TOKEN="acme-token-value")  # fmt: skip
-    with Gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.log") as server:
+    with Gateway(env, workers=2, log_path=tmp_path / "gunicorn.log") as server:
         ids = [f"acme-{i}" for i in range(3)]
         for interaction in ids:
             assert post(server.url, {**VALID, "interaction_id": interaction}).status_code == 200
@@ -87,7 +87,7 @@ def test_a_bad_plugin_setting_stops_start_up_with_one_line(tmp_path, acme_packag
                   DTMF_ACME_TOKEN="t0ken-value")  # fmt: skip
     log = tmp_path / "gunicorn.log"
     with pytest.raises(RuntimeError, match="exited with 4"):
-        Gunicorn(env, workers=1, log_path=log).start()
+        Gateway(env, workers=1, log_path=log).start()
     text = log.read_text()
     assert "Traceback" not in text
     assert "AUDIT_SINKS: the plugin for 'acme': ACME_URL: an https:// URL is required" in text
@@ -155,7 +155,7 @@ def test_a_plugin_upgraded_with_pip_runs_in_every_new_worker_after_a_reload(tmp_
     write_upgrade_package(source, 1)
     pip_install(source, site)
     env = env_for(tmp_path, site, DTMF_AUDIT_SINKS="upgraded", DTMF_UPGRADE_SINK_PATH=str(out))
-    with Gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.log") as server:
+    with Gateway(env, workers=2, log_path=tmp_path / "gunicorn.log") as server:
         assert post(server.url, {**VALID, "interaction_id": "before"}).status_code == 200
         wait_until(lambda: [e["version"] for e in read_jsonl(out)] == [1], timeout=20)
 

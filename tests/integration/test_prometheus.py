@@ -26,7 +26,7 @@ pytestmark = [
 
 
 @pytest.fixture
-def gateway(tmp_path, gateway_env, sim_url, start_gunicorn):
+def gateway(tmp_path, gateway_env, sim_url, start_gateway):
     webhook = WebhookReceiver().start()
     env = {
         **gateway_env,
@@ -35,7 +35,7 @@ def gateway(tmp_path, gateway_env, sim_url, start_gunicorn):
         "DTMF_AUDIT_SINKS": "webhook",
         "DTMF_AUDIT_WEBHOOK_URL": webhook.url,
     }
-    yield start_gunicorn(env, workers=4)
+    yield start_gateway(env, workers=4)
     webhook.stop()
 
 

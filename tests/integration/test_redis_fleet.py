@@ -88,10 +88,10 @@ def delivered(tmp_path):
 
 
 def test_redis_stopped_restarted_empty_and_killed_under_load(tmp_path, gateway_env, sim_url, redis_server,
-                                                             start_gunicorn):  # fmt: skip
+                                                             start_gateway):  # fmt: skip
     """Answers never wait on Redis; every answered event reaches the sink once Redis is back, the
     groups are created again after a restart without persistence, within one lease."""
-    server = start_gunicorn(fleet_env(tmp_path, gateway_env, sim_url, redis_server.url), workers=2, threads=4)
+    server = start_gateway(fleet_env(tmp_path, gateway_env, sim_url, redis_server.url), workers=2, threads=4)
     before = Callers(server.url).run(1.0)
     wait_until(lambda: before.answered <= delivered(tmp_path), timeout=20)
 
@@ -246,11 +246,11 @@ def sentinels(tmp_path):
 
 
 def test_sentinel_failover_with_the_master_killed_under_load_loses_no_answered_event(
-    tmp_path, gateway_env, sim_url, sentinels, start_gunicorn
+    tmp_path, gateway_env, sim_url, sentinels, start_gateway
 ):
     env = fleet_env(tmp_path, gateway_env, sim_url, sentinels.url,
                     DTMF_IDEMPOTENCY_STORE=sentinels.url, DTMF_IDEMPOTENCY_HASH_KEY="k" * 32)  # fmt: skip
-    server = start_gunicorn(env, workers=2, threads=4)
+    server = start_gateway(env, workers=2, threads=4)
 
     def post(key):
         return requests.post(f"{server.url}/api/dtmf/parse", json=VALID, headers={"Idempotency-Key": key}, timeout=10)

@@ -50,7 +50,7 @@ def hook_ids(receiver):
     return {e["interaction_id"] for e in list(receiver.events)}
 
 
-def test_check_config_with_other_sinks_changes_no_routing(tmp_path, gateway_env, sim_url, start_gunicorn, webhook):
+def test_check_config_with_other_sinks_changes_no_routing(tmp_path, gateway_env, sim_url, start_gateway, webhook):
     """Issue 17: `DTMF_AUDIT_SINKS=file dtmf-gateway check-config` took the running service's other
     sink away (the shared sink list was rewritten)."""
     audit_file = tmp_path / "audit.jsonl"
@@ -61,7 +61,7 @@ def test_check_config_with_other_sinks_changes_no_routing(tmp_path, gateway_env,
         "DTMF_AUDIT_FILE_PATH": str(audit_file),
         "DTMF_AUDIT_WEBHOOK_URL": webhook.url,
     }
-    gateway = start_gunicorn(env, workers=2)
+    gateway = start_gateway(env, workers=2)
     post(gateway, 2, "before")  # the outbox exists and both sinks deliver
     wait_until(lambda: len(hook_ids(webhook)) == 2 and len(file_ids(audit_file)) == 2, timeout=20)
     other = {**env, "DTMF_AUDIT_SINKS": "file"}
@@ -131,10 +131,10 @@ def _sinks_env(gateway_env, sim_url, tmp_path, sinks, webhook):
     }
 
 
-def test_a_removed_sink_keeps_its_events_until_purged(tmp_path, gateway_env, sim_url, start_gunicorn, webhook):
+def test_a_removed_sink_keeps_its_events_until_purged(tmp_path, gateway_env, sim_url, start_gateway, webhook):
     webhook.reject_if = lambda event: event.get("interaction_id") == "poison-0"
     env = _sinks_env(gateway_env, sim_url, tmp_path, "file,webhook", webhook)
-    gateway = start_gunicorn(env, workers=2)
+    gateway = start_gateway(env, workers=2)
     post(gateway, 1, "poison")
     wait_until(lambda: json.loads(run(env, "audit", "status", "--json").stdout)["webhook"]["dead_letters"] == 1,
                timeout=20, interval=0.3)  # fmt: skip
@@ -144,7 +144,7 @@ def test_a_removed_sink_keeps_its_events_until_purged(tmp_path, gateway_env, sim
     gateway.stop()
     # The webhook leaves the configuration; its events and its dead letter stay, shown as not configured.
     env = {**env, "DTMF_AUDIT_SINKS": "file"}
-    gateway = start_gunicorn(env, workers=2)
+    gateway = start_gateway(env, workers=2)
     later = post(gateway, 3, "later")
     wait_until(lambda: set(later) <= file_ids(tmp_path / "audit.jsonl"), timeout=20)
     status = json.loads(run(env, "audit", "status", "--json").stdout)
@@ -234,7 +234,7 @@ def test_two_redeliver_all_at_once_queue_each_letter_once_redis(redis_url):
     outbox.close()
 
 
-def test_two_gunicorns_with_different_sinks_on_one_redis(tmp_path, gateway_env, sim_url, start_gunicorn,
+def test_two_gunicorns_with_different_sinks_on_one_redis(tmp_path, gateway_env, sim_url, start_gateway,
                                                           redis_url, webhook):  # fmt: skip
     """A rolling change: host A has the file sink only, host B file and webhook. Each event goes to
     the sinks of the instance that answered it; A never trims B's webhook events away."""
@@ -242,8 +242,8 @@ def test_two_gunicorns_with_different_sinks_on_one_redis(tmp_path, gateway_env, 
     common = {**gateway_env, **dialect_env("tutorial", sim_url), "DTMF_AUDIT_OUTBOX": redis_url,
               "DTMF_AUDIT_FILE_PATH": str(audit_file), "DTMF_AUDIT_WEBHOOK_URL": webhook.url,
               "DTMF_AUDIT_BACKOFF_BASE_S": "0.05", "DTMF_AUDIT_BACKOFF_MAX_S": "0.3"}  # fmt: skip
-    a = start_gunicorn({**common, "DTMF_AUDIT_SINKS": "file", "DTMF_AUDIT_SPOOL_DIR": str(tmp_path / "a")}, workers=1)
-    b = start_gunicorn({**common, "DTMF_AUDIT_SINKS": "file,webhook", "DTMF_AUDIT_SPOOL_DIR": str(tmp_path / "b")},
+    a = start_gateway({**common, "DTMF_AUDIT_SINKS": "file", "DTMF_AUDIT_SPOOL_DIR": str(tmp_path / "a")}, workers=1)
+    b = start_gateway({**common, "DTMF_AUDIT_SINKS": "file,webhook", "DTMF_AUDIT_SPOOL_DIR": str(tmp_path / "b")},
                        workers=1)  # fmt: skip
     webhook.status = 503  # down for a while: B's webhook events wait in the stream while A trims
     from_b = set(post(b, 10, "host-b"))

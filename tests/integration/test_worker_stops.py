@@ -71,9 +71,9 @@ def _assert_each_answer_audited_as_answered(tmp_path, seen):
     ids=["SIGQUIT", "SIGINT", "SIGABRT-timeout-kill", "SIGTERM"],
 )
 def test_a_worker_stopped_with_requests_in_flight_keeps_every_answered_outcome(
-    sig, tmp_path, gateway_env, sim, sim_url, start_gunicorn
+    sig, tmp_path, gateway_env, sim, sim_url, start_gateway
 ):
-    server = start_gunicorn(_env(tmp_path, gateway_env, sim_url), workers=1, threads=IN_FLIGHT + 2)
+    server = start_gateway(_env(tmp_path, gateway_env, sim_url), workers=1, threads=IN_FLIGHT + 2)
     (worker,) = server.worker_pids()
     assert requests.post(f"{server.url}/api/dtmf/parse", json=VALID, timeout=10).status_code == 200  # token fetched
     sim.configure(delay_s=1.5)  # every DTMF POST now waits on "CXone"
@@ -90,10 +90,10 @@ def test_a_worker_stopped_with_requests_in_flight_keeps_every_answered_outcome(
 
 
 def test_max_requests_with_requests_in_flight_keeps_every_answered_outcome(
-    tmp_path, gateway_env, sim, sim_url, start_gunicorn
+    tmp_path, gateway_env, sim, sim_url, start_gateway
 ):
     env = _env(tmp_path, gateway_env, sim_url, GUNICORN_CMD_ARGS="--max-requests 3")
-    server = start_gunicorn(env, workers=1, threads=IN_FLIGHT + 2)
+    server = start_gateway(env, workers=1, threads=IN_FLIGHT + 2)
     (worker,) = server.worker_pids()
     sim.configure(delay_s=1.0)
     seen, threads = _callers(server.url, IN_FLIGHT)  # the worker restarts after 3, with others in flight

@@ -143,7 +143,7 @@ def test_unknown_exporter_name_stops_start_up(base_config):
 
 
 def test_app_import_prints_one_line_and_exits_4_on_bad_config():
-    env = {"PATH": "/usr/bin:/bin", "DTMF_CXONE_MAX_ATTEMPTS": "lots"}
+    env = {"PATH": "/usr/bin:/bin", "DTMF_CXONE_MAX_ATTEMPTS": "lots", "DTMF_LIFECYCLE": "1"}
     proc = subprocess.run([sys.executable, "-c", "import app"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 4
     lines = proc.stderr.strip().splitlines()
@@ -158,8 +158,9 @@ def test_empty_values_mean_unset_and_empty_lists_mean_none():
 
 
 def test_a_misspelt_key_stops_start_up_naming_the_nearest(tmp_path):
-    env = {**os.environ, "DTMF_AUDIT_DIGIT": "masked", "DTMF_METRICS_DIR": str(tmp_path)}
-    env = {k: v for k, v in env.items() if not k.startswith("DTMF_") or k in ("DTMF_AUDIT_DIGIT", "DTMF_METRICS_DIR")}
+    env = {**os.environ, "DTMF_AUDIT_DIGIT": "masked", "DTMF_METRICS_DIR": str(tmp_path), "DTMF_LIFECYCLE": "1"}
+    kept = ("DTMF_AUDIT_DIGIT", "DTMF_METRICS_DIR", "DTMF_LIFECYCLE")
+    env = {k: v for k, v in env.items() if not k.startswith("DTMF_") or k in kept}
     out = subprocess.run([sys.executable, "-c", "import app"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 4
     (line,) = out.stderr.strip().splitlines()

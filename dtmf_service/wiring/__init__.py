@@ -92,6 +92,16 @@ class OperatorComponents:
         pass
 
 
+def build_delivery(config: dict[str, Any]) -> tuple[DeliveryEngine, Outbox]:
+    """The host's delivery process (delivery_process.py): the sinks, the outbox, the engine."""
+    plugins = build_plugin_manager(config)
+    reject_unknown(config, plugin_config_keys(plugins))
+    sinks = resolve_sinks(plugins, config["AUDIT_SINKS"], config)
+    metrics = Metrics(config["METRICS_DIR"] or tempfile.mkdtemp(prefix="dtmf-metrics-"))
+    outbox = open_outbox(config, sinks)
+    return DeliveryEngine(sinks, outbox, config, metrics), outbox
+
+
 def build_operator(config: dict[str, Any]) -> OperatorComponents:
     """Check the configuration as start-up does (every plugin's factory runs and is closed again:
     a bad plugin setting fails here too), for a command that serves no request."""
@@ -103,22 +113,28 @@ def build_operator(config: dict[str, Any]) -> OperatorComponents:
     )
 
 
-def build(config: dict[str, Any]) -> Components:
-    """Build every part the configuration describes (``config`` is finished: config.finalise)."""
+def build(config: dict[str, Any], deliver: bool = True) -> Components:
+    """Build every part the configuration describes (``config`` is finished: config.finalise).
+
+    ``deliver``: this process delivers its own audit events (tests, ``flask run``); under a server's
+    lifecycle the host's delivery process does (lifecycle.py), and the sinks are not built here."""
     plugins = build_plugin_manager(config)
     reject_unknown(config, plugin_config_keys(plugins))
     exporters = resolve_exporters(plugins, config["METRICS_EXPORTERS"], config)
-    sinks = resolve_sinks(plugins, config["AUDIT_SINKS"], config)
+    sink_names = tuple(dict.fromkeys(config["AUDIT_SINKS"]))
     if not config.get("METRICS_DIR"):
-        # Outside gunicorn (tests, flask run) each application counts on its own.
+        # Outside a server's lifecycle (tests, flask run) each application counts on its own.
         config["METRICS_DIR"] = tempfile.mkdtemp(prefix="dtmf-metrics-")
     metrics = Metrics(config["METRICS_DIR"])
     client = CXoneClient.from_config(config, on_attempt=metrics.cxone_attempt, on_token_fetch=metrics.token_fetch)
-    # No sink, no outbox: with audit off a request writes nothing at all.
-    outbox = open_outbox(config, sinks) if sinks else None
+    # No sink, no outbox: with audit off a request writes nothing at all. The outbox routes by name.
+    outbox = open_outbox(config, sink_names) if sink_names else None
     delivery = None
     if outbox is not None:
-        delivery = DeliveryEngine(sinks, outbox, config, metrics)
+        if deliver:
+            delivery = DeliveryEngine(resolve_sinks(plugins, config["AUDIT_SINKS"], config), outbox, config, metrics)
+        for name in sink_names:
+            metrics.sink(name)  # counted by whichever process delivers, reported by every worker
         metrics.watch_outbox(outbox)
     if config.get("AUDIT_QUEUE_SIZE") is not None:
         log.warning("AUDIT_QUEUE_SIZE is deprecated and ignored: events go straight to the outbox")

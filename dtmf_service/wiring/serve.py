@@ -1,0 +1,155 @@
+"""``dtmf-gateway serve``: the service under the server DTMF_SERVER names.
+
+- ``gunicorn`` (the default): exactly ``gunicorn -c gunicorn.conf.py app:app``; this process
+  becomes gunicorn's master (exec), so systemd's signals reach it directly.
+- ``granian`` (``pip install 'dtmf-gateway[granian]'``): granian's native HTTP stack runs the same
+  WSGI application; this process is granian's master and drives the same lifecycle
+  (lifecycle.py) through granian's start, reload and shutdown hooks.
+
+Both read DTMF_BIND (``host:port`` or ``unix:/path``, default 127.0.0.1:8080), DTMF_WORKERS (one
+per core), DTMF_THREADS (64 request threads per worker) and DTMF_PIDFILE. README ("Servers")
+states what differs between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dtmf_service.wiring.lifecycle import LifecycleError, master_lifecycle, request_timeout_s
+
+SERVERS = ("gunicorn", "granian")
+TARGET = "dtmf_service.wiring.wsgi:app"
+CONF = Path(__file__).with_name("gunicorn_conf.py")
+
+
+def settings() -> dict[str, str | int]:
+    """What DTMF_SERVER, DTMF_BIND, DTMF_WORKERS and DTMF_THREADS say, checked."""
+    server = os.environ.get("DTMF_SERVER") or "gunicorn"
+    if server not in SERVERS:
+        raise ValueError(f"DTMF_SERVER: expected one of {', '.join(SERVERS)}, got {server!r}")
+    values: dict[str, str | int] = {"server": server, "bind": os.environ.get("DTMF_BIND") or "127.0.0.1:8080"}
+    for name, default in (("WORKERS", os.cpu_count() or 1), ("THREADS", 64)):
+        raw = os.environ.get(f"DTMF_{name}") or str(default)
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"DTMF_{name}: expected a whole number of at least 1, got {raw!r}")
+        values[name.lower()] = int(raw)
+    return values
+
+
+def serve() -> int:
+    try:
+        chosen = settings()
+    except ValueError as exc:
+        print(f"dtmf-gateway serve: {exc}", file=sys.stderr)
+        return 2
+    if chosen["server"] == "gunicorn":
+        _exec_gunicorn()
+    return run_granian(str(chosen["bind"]), int(chosen["workers"]), int(chosen["threads"]))
+
+
+def _exec_gunicorn() -> None:
+    # gunicorn reads DTMF_BIND, DTMF_WORKERS and DTMF_THREADS itself (gunicorn_conf.py).
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(CONF), TARGET]
+    os.execv(sys.executable, argv)  # noqa: S606 - argv is ours, no shell involved
+
+
+def _address(bind: str) -> dict[str, object]:
+    if bind.startswith("unix:"):
+        return {"uds": Path(bind[len("unix:") :])}
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"DTMF_BIND: expected host:port or unix:/path, got {bind!r}")
+    return {"address": host.strip("[]") or "127.0.0.1", "port": int(port)}
+
+
+def run_granian(bind: str, workers: int, threads: int) -> int:
+    try:
+        from granian.constants import Interfaces
+        from granian.http import HTTP1Settings
+        from granian.log import LogLevels
+        from granian.server import Server
+    except ImportError:
+        print("dtmf-gateway serve: DTMF_SERVER=granian needs granian: pip install 'dtmf-gateway[granian]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        address = _address(bind)
+    except ValueError as exc:
+        print(f"dtmf-gateway serve: {exc}", file=sys.stderr)
+        return 2
+    log = logging.getLogger("dtmf_service")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    lifecycle = master_lifecycle(log)
+    try:
+        lifecycle.starting()  # before granian binds or forks anything
+    except LifecycleError as exc:
+        print(f"dtmf-gateway: configuration error: {exc}", file=sys.stderr, flush=True)
+        return 4
+    timeout_s = request_timeout_s()
+    header_s = float(os.environ.get("DTMF_REQUEST_READ_TIMEOUT_S") or 10)
+    server = Server(
+        TARGET,
+        interface=Interfaces.WSGI,
+        workers=workers,
+        blocking_threads=threads,
+        # gunicorn's own defaults, as far as granian has them: a dead worker is replaced, a stopping
+        # worker gets the longest request's time to finish, a client its header-read bound.
+        respawn_failed_workers=True,
+        workers_kill_timeout=timeout_s,
+        http1_settings=HTTP1Settings(header_read_timeout=int(header_s * 1000)),
+        log_access=os.environ.get("DTMF_ACCESS_LOG", "-") != "off",
+        log_level=LogLevels(os.environ.get("DTMF_GUNICORN_LOG_LEVEL", "info")),
+        pid_file=Path(os.environ["DTMF_PIDFILE"]) if os.environ.get("DTMF_PIDFILE") else None,
+        **address,  # type: ignore[arg-type]
+    )
+    server.on_reload(lifecycle.reloading)
+    server.on_shutdown(lifecycle.stopping)
+    if os.environ.get("NOTIFY_SOCKET"):
+        # The unit is Type=notify (gunicorn tells systemd itself); granian does not: say READY=1
+        # once a worker answers.
+        threading.Thread(target=_notify_when_serving, args=(bind,), daemon=True).start()
+    server.serve()
+    return 0
+
+
+def _notify_when_serving(bind: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if bind.startswith("unix:"):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(bind[len("unix:") :])
+            else:
+                host, _, port = bind.rpartition(":")
+                sock = socket.create_connection((host.strip("[]"), int(port)), timeout=2)
+            with sock:
+                sock.settimeout(2)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
+def sd_notify(message: str) -> None:
+    """systemd's notification protocol: one datagram to NOTIFY_SOCKET (an abstract name when it
+    starts with @)."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
