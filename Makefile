@@ -34,8 +34,10 @@ $(LOCK_TOOLS)/bin/pip-compile:
 lock: | $(LOCK_TOOLS)/bin/pip-compile  ## re-pin requirements.lock and requirements-test.lock after a setup.cfg change
 	$(LOCK) --output-file requirements.lock setup.cfg
 	$(LOCK) --extra test --output-file requirements-test.lock setup.cfg
+	$(LOCK) --extra granian --output-file requirements-granian.lock setup.cfg
 
-run: $(RUN_STAMP)  ## dtmf-gateway serve: gunicorn (DTMF_SERVER=granian for granian) on 127.0.0.1:8080 (sandbox mode unless CXone is configured)
+# DTMF_SERVER=granian make run installs granian first (requirements-granian.lock).
+run: $(RUN_STAMP) $(if $(filter granian,$(DTMF_SERVER)),$(VENV)/.installed-granian)  ## dtmf-gateway serve: gunicorn (or DTMF_SERVER=granian) on 127.0.0.1:8080, sandbox mode unless CXone is configured
 	$(BIN)/dtmf-gateway serve
 
 test: $(TEST_STAMP)  ## lint, format and type checks, then the whole suite
@@ -68,9 +70,8 @@ bench-audit: $(RUN_STAMP)  ## audit on vs off, 50 ms upstream, 64 connections, 3
 bench-scale: $(TEST_STAMP)  ## backlogs of 0/100k/500k for a down sink, spool overflow, space back (about 10 minutes)
 	$(BIN)/python -m bench.scale
 
-$(VENV)/.installed-granian: setup.cfg pyproject.toml | $(RUN_STAMP)
-	# setup.cfg's granian extra; not in the locks, and its one dependency (click) comes with Flask's
-	$(BIN)/python -m pip install --quiet --no-deps 'granian>=2.8,<3'
+$(VENV)/.installed-granian: requirements-granian.lock | $(RUN_STAMP)  ## the runtime set plus granian, hash-pinned
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-granian.lock
 	touch $@
 
 # ARGS=--quick (1 round of 4 s), ARGS=--profile (needs py-spy in .venv)

@@ -132,9 +132,7 @@ def build_go_seed(source: Path, out_dir: Path) -> tuple[Path | None, str]:
 # --- starting the targets ------------------------------------------------------------------------
 
 
-def start_target(
-    target: str, up_port: int, workdir: Path, statsd_port: int, go_binary: Path | None
-) -> Server:
+def start_target(target: str, up_port: int, workdir: Path, statsd_port: int, go_binary: Path | None) -> Server:
     """One target on a free loopback port, pointed at the one fake upstream."""
     port = free_port()
     up = f"http://127.0.0.1:{up_port}"

@@ -118,7 +118,8 @@ def _operator_command() -> bool:
 
 def _raw_path(environ: Mapping[str, Any]) -> str:
     """The request target's path as the caller sent it (origin- or absolute-form), without the query."""
-    raw = str(environ.get("RAW_URI") or environ.get("REQUEST_URI") or "")
+    # gunicorn: RAW_URI; uWSGI-style servers: REQUEST_URI; granian gives PATH_INFO as sent (decoded).
+    raw = str(environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO") or "")
     if raw.startswith(("http://", "https://")):
         raw = "/" + raw.split("://", 1)[1].partition("/")[2]
     return raw.split("?", 1)[0]

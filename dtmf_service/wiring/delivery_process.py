@@ -22,14 +22,16 @@ import threading
 from dtmf_service import _configure_logging
 from dtmf_service.config import ConfigError
 from dtmf_service.wiring import build_delivery
-from dtmf_service.wiring.lifecycle import FLUSH_S, probe_config
+from dtmf_service.wiring.lifecycle import FLUSH_S, LIFECYCLE_ENV, probe_config
 
 log = logging.getLogger("dtmf_service.audit")
 
 
 def main() -> int:
     os.umask(0o077)
-    parent = os.getppid()
+    # The master's pid from the lifecycle, not getppid(): a master killed while this process was
+    # still starting would otherwise leave it believing init is its master.
+    parent = int(os.environ.get(LIFECYCLE_ENV) or os.getppid())
     try:
         config = probe_config()
     except ConfigError as exc:
@@ -43,10 +45,11 @@ def main() -> int:
     engine, outbox = build_delivery(config)
     engine.start()
     log.info("audit delivery process %d started for sinks %s", os.getpid(), ", ".join(engine.sinks))
-    while not stop.wait(1.0):
+    while not stop.is_set():
         if os.getppid() != parent:
             log.error("audit delivery process %d: the server's master is gone; stopping", os.getpid())
             break
+        stop.wait(1.0)
     engine.stop(FLUSH_S)
     outbox.close()
     return 0

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from dtmf_service.wiring.lifecycle import LifecycleError, master_lifecycle, request_timeout_s
 
 SERVERS = ("gunicorn", "granian")
+_GRANIAN: Any = None  # granian's server object in the master; each forked worker holds a copy
 TARGET = "dtmf_service.wiring.wsgi:app"
 CONF = Path(__file__).with_name("gunicorn_conf.py")
 
@@ -97,7 +100,7 @@ def run_granian(bind: str, workers: int, threads: int) -> int:
         return 4
     timeout_s = request_timeout_s()
     header_s = float(os.environ.get("DTMF_REQUEST_READ_TIMEOUT_S") or 10)
-    server = Server(
+    server = _granian_server(Server)(
         TARGET,
         interface=Interfaces.WSGI,
         workers=workers,
@@ -107,11 +110,13 @@ def run_granian(bind: str, workers: int, threads: int) -> int:
         respawn_failed_workers=True,
         workers_kill_timeout=timeout_s,
         http1_settings=HTTP1Settings(header_read_timeout=int(header_s * 1000)),
-        log_access=os.environ.get("DTMF_ACCESS_LOG", "-") != "off",
+        log_access=False,  # the workers write the JSON access log themselves (wsgi.py)
         log_level=LogLevels(os.environ.get("DTMF_GUNICORN_LOG_LEVEL", "info")),
         pid_file=Path(os.environ["DTMF_PIDFILE"]) if os.environ.get("DTMF_PIDFILE") else None,
-        **address,  # type: ignore[arg-type]
+        **address,
     )
+    global _GRANIAN
+    _GRANIAN = server
     server.on_reload(lifecycle.reloading)
     server.on_shutdown(lifecycle.stopping)
     if os.environ.get("NOTIFY_SOCKET"):
@@ -120,6 +125,68 @@ def run_granian(bind: str, workers: int, threads: int) -> int:
         threading.Thread(target=_notify_when_serving, args=(bind,), daemon=True).start()
     server.serve()
     return 0
+
+
+def _granian_server(base: type) -> type:
+    """granian's master, with gunicorn's rule for dead workers (granian 2.8's own: a worker slot that
+    dies again within 5.5 s of its respawn, or of a reload, stops the whole server, exit 1). A worker
+    killed under load (OOM killer, an operator's kill -9) must cost its requests, not the service.
+    One exception, as gunicorn's "Worker failed to boot": a worker that exited 4 refused its
+    configuration, which every new worker would refuse too, so the server stops."""
+
+    class GatewayGranian(base):
+        def _respawn_workers(self, workers: list[int], spawn_target: Any, target_loader: Any, delay: float = 0) -> Any:
+            refused = [idx for idx in workers if idx < len(self.wrks) and self.wrks[idx].inner.exitcode == 4]
+            if refused:
+                logging.getLogger("dtmf_service").error(
+                    "dtmf-gateway: a worker refused the configuration (exit 4): stopping the server"
+                )
+                self.interrupt_children.extend(refused)
+                self.interrupt_signal = True
+                self.main_loop_interrupt.set()
+                return None
+            gone = [self.wrks[idx].inner.pid for idx in workers if idx < len(self.wrks)]
+            result = super()._respawn_workers(workers, spawn_target, target_loader, delay)
+            self.respawned_wrks.clear()  # no crash-loop exit: see the function's text
+            for pid in gone:  # dead or stopped by now: gunicorn's child_exit
+                master_lifecycle().worker_exited(pid)
+            return result
+
+    return GatewayGranian
+
+
+def guard_granian_worker() -> None:
+    """Two gaps of granian 2.8's workers, closed from inside the worker (wsgi.py calls this while the
+    app loads, in the worker's main thread):
+
+    - A SIGTERM that arrives while the worker boots is lost (the handler it inherited from the master
+      flags the master's copy of the server; its own is installed only after the app has loaded), so
+      the worker never stops and the master waits out its kill timeout. Until granian's handler is
+      in place, a stop is remembered here and sent again once it is.
+    - A worker whose master was killed (SIGKILL) keeps serving on the shared port for ever. gunicorn's
+      workers notice the master is gone and stop; so do these: a graceful stop, at most a second later.
+    """
+    parent = int(os.environ.get("DTMF_LIFECYCLE") or os.getppid())  # the master, even if already gone
+    requested = threading.Event()
+
+    def during_boot(signum: int, frame: Any) -> None:
+        requested.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, during_boot)
+
+    def watch() -> None:
+        while signal.getsignal(signal.SIGTERM) is during_boot:
+            time.sleep(0.05)
+        if requested.is_set() or getattr(_GRANIAN, "interrupt_signal", False):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        logging.getLogger("dtmf_service").error("dtmf-gateway: worker %d: the master is gone; stopping", os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dtmf-granian-guard", daemon=True).start()
 
 
 def _notify_when_serving(bind: str, timeout_s: float = 60.0) -> None:

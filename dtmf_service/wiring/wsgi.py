@@ -16,8 +16,10 @@ import sys
 from multiprocessing import util
 
 from dtmf_service import create_app
+from dtmf_service.accesslog import JsonAccessLog
 from dtmf_service.config import ConfigError
 from dtmf_service.wiring.lifecycle import FLUSH_S, under_lifecycle
+from dtmf_service.wiring.serve import guard_granian_worker
 
 MISSING = (
     "dtmf-gateway: refusing to serve: this server ran none of the gateway's lifecycle "
@@ -42,9 +44,20 @@ except ConfigError as exc:
     sys.exit(4)
 
 if multiprocessing.parent_process() is not None:
+    guard_granian_worker()  # a stop during boot, a master that is gone (serve.py)
     # A granian worker (a multiprocessing child; gunicorn forks its own): close the outbox, which
-    # moves what the journal holds into the store, when the worker ends gracefully. A worker that
-    # does not (SIGKILL) leaves its journal to the delivery process's recovery.
+    # moves what the journal holds into the store, when the worker ends gracefully (granian runs no
+    # atexit handler there). A worker that does not (SIGKILL) leaves its journal to the delivery
+    # process's recovery.
     util.Finalize(None, app.extensions["dtmf"].close, args=(FLUSH_S,), exitpriority=10)
+    # granian's own access line is plain text with the caller's characters unescaped: the same JSON
+    # lines as under gunicorn instead (DTMF_ACCESS_LOG: a path, "-" for stderr, the default, or "off").
+    _target = os.environ.get("DTMF_ACCESS_LOG", "-")
+    if _target != "off":
+        app.wsgi_app = JsonAccessLog(app.wsgi_app, _target)
+    # granian copies the whole process environment into every request's WSGI environ: the
+    # configuration has been read, so none of it (secrets included) rides along with requests.
+    for _name in [name for name in os.environ if name.startswith("DTMF_")]:
+        del os.environ[_name]
 
 __all__ = ["app", "create_app"]

@@ -61,7 +61,7 @@ def start_gateway(tmp_path, server_kind):
     started = []
 
     def factory(env, workers=4, threads=8):
-        server = Gateway(env, workers=workers, threads=threads, log_path=tmp_path / f"{server_kind}.log").start()
+        server = Gateway(env, workers=workers, threads=threads, log_path=tmp_path / "server.log").start()
         started.append(server)
         return server
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import VALID
-from tests.helpers import RedisServer, read_jsonl, wait_until
+from tests.helpers import RedisServer, healthy, read_jsonl, wait_until
 from tests.integration.conftest import dialect_env
 from tests.upstreams import RawUpstream, garbage_outside_tls, make_certificate, trickle
 
@@ -183,6 +183,7 @@ def test_worker_killed_mid_request_leaves_the_key_taken_and_then_unknown(audited
     os.kill(worker, signal.SIGKILL)
     thread.join(30)
     wait_until(lambda: len(gateway.worker_pids()) == 1 and gateway.worker_pids() != [worker], timeout=20)
+    wait_until(lambda: healthy(gateway.url), timeout=20)  # granian: the new worker listens once booted
     # The mark outlives the dead worker: no repeat is processed beside (or after) the first.
     repeat = keyed(gateway.url, "killed-1")
     assert repeat.status_code == 409

@@ -91,7 +91,7 @@ def test_a_bad_keys_file_at_a_reload_keeps_the_old_keys_and_the_master(tmp_path,
     keys.write_text(f"# {OTHER}\n")
     reload(gateway)
     assert {status(gateway.url, OTHER) for _ in range(4)} | {status(gateway.url, "") for _ in range(2)} == {401}
-    log = (tmp_path / "gunicorn.log").read_text()
+    log = (tmp_path / "server.log").read_text()
     assert "API_KEYS_FILE not reloaded" in log and GOOD not in log and OTHER not in log
 
 

@@ -67,7 +67,12 @@ def _assert_each_answer_audited_as_answered(tmp_path, seen):
 
 @pytest.mark.parametrize(
     "sig",
-    [signal.SIGQUIT, signal.SIGINT, signal.SIGABRT, signal.SIGTERM],
+    [
+        pytest.param(signal.SIGQUIT, marks=pytest.mark.gunicorn_only("gunicorn's quick stop; granian has none")),
+        signal.SIGINT,
+        pytest.param(signal.SIGABRT, marks=pytest.mark.gunicorn_only("gunicorn's timeout kill; granian has none")),
+        signal.SIGTERM,
+    ],
     ids=["SIGQUIT", "SIGINT", "SIGABRT-timeout-kill", "SIGTERM"],
 )
 def test_a_worker_stopped_with_requests_in_flight_keeps_every_answered_outcome(
@@ -89,6 +94,7 @@ def test_a_worker_stopped_with_requests_in_flight_keeps_every_answered_outcome(
     _assert_each_answer_audited_as_answered(tmp_path, seen)
 
 
+@pytest.mark.gunicorn_only("max_requests is a gunicorn setting")
 def test_max_requests_with_requests_in_flight_keeps_every_answered_outcome(
     tmp_path, gateway_env, sim, sim_url, start_gateway
 ):
