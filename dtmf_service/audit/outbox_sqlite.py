@@ -600,6 +600,8 @@ class SqliteOutbox:
     # -- figures and operator commands ---------------------------------------------------------
     def backlog(self) -> dict[str, SinkBacklog]:
         """O(sinks): the maintained counts, and each sink's oldest event found through its index."""
+        if not self.operator:
+            self.check_file()  # a worker has no maintenance thread: count the outbox's file, not a deleted one
         db = self._db()
         now = time.time()
         pending = {}
@@ -817,6 +819,7 @@ class _GroupCommit:
         self._busy = 0  # items queued or being written
         self._refused = False  # the last batch could not be written
         self._retry_s = 0.1
+        self._next_check = 0.0
 
     def write(self, item: _Write) -> None:
         """Queue ``item`` (already durable in its journal slot, freed once committed)."""
@@ -834,7 +837,8 @@ class _GroupCommit:
         while True:
             with self._cond:
                 while not self._queue:
-                    self._cond.wait()
+                    if not self._cond.wait(1.0):
+                        self._check_file()  # idle too: a late event left in a replaced file moves on
                 if len(self._queue) < _EAGER_BATCH:
                     self._cond.wait(_LINGER_S)  # let a batch gather (a full batch cuts this short)
                 batch, self._queue = self._queue[:512], self._queue[512:]
@@ -846,6 +850,7 @@ class _GroupCommit:
                 batch = [item for item in batch if item not in stale]
                 with self._cond:
                     self._busy -= len(stale)
+            self._check_file()
             failed = self._write(batch)
             for item in batch:
                 if item.error is None and item.slot is not None:
@@ -867,6 +872,18 @@ class _GroupCommit:
                     self._queue[:0] = failed
             else:
                 self._retry_s = 0.1
+
+    def _check_file(self) -> None:
+        # Workers have no maintenance thread (the host's delivery process has): before writing,
+        # at most once a second, make sure the file written is the outbox's (check_file's text).
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + 1.0
+        try:
+            self._outbox.check_file()
+        except Exception as exc:  # noqa: BLE001 - the writer must outlive a failed check
+            log.error("audit outbox: could not check the outbox file (%s)", type(exc).__name__)
 
     def _write(self, batch: list[_Write]) -> list[_Write]:
         """Commit ``batch``; the items that could not be written (each with its error)."""
