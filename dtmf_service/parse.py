@@ -23,7 +23,7 @@ from dtmf_service.idempotency import Idempotency, valid_key
 from dtmf_service.outcome import Facts, Intent, Outcome, RequestContext, error_body
 from dtmf_service.web.body import BadRequest, parse_object
 from dtmf_service.web.errors import log_exception
-from dtmf_service.web.schemas import DTMFRequestSchema, summarise
+from dtmf_service.web.schemas import DTMFRequestSchema, load_request, summarise
 from dtmf_service.web.tracing import child_traceparent
 
 log = logging.getLogger("dtmf_service")
@@ -58,7 +58,7 @@ class ParseService:
                 return invalid(400, str(exc), facts, ctx)
             facts = Facts(event_id, sent)
             try:
-                valid = self._schema.load(sent)
+                valid = load_request(self._schema, sent)
             except ValidationError as exc:
                 errors = _flatten(exc.messages)
                 facts = Facts(event_id, sent, invalid_fields=frozenset(errors))
