@@ -116,7 +116,9 @@ class HttpTransport:
         sock = conn.sock
         assert sock is not None
         remaining = deadline - time.monotonic()
-        sock.settimeout(max(min(self._read_s, remaining), 0.001))
+        timeout = max(min(self._read_s, remaining), 0.001)
+        if sock.gettimeout() != timeout:
+            sock.settimeout(timeout)  # two fcntl calls each time: only when it changes (usually the read timeout)
         alarm = self._watchdog.arm(sock, remaining)
         try:
             host = self._hosts.get(origin) or self._hosts.setdefault(origin, host_header(conn))
