@@ -120,7 +120,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, operator: bool | No
 
 @functools.cache
 def _gateway_flask() -> type[Flask]:
-    """Flask, less two costs a service that has neither async views nor sessions pays per request."""
+    """Flask, less the costs a service without async views, sessions or streamed bodies pays per request."""
     from flask import Flask
     from flask.sessions import NullSession, SessionInterface
 
@@ -136,8 +136,11 @@ def _gateway_flask() -> type[Flask]:
         def save_session(self, app: Any, session: Any, response: Any) -> None:
             pass
 
+    from dtmf_service.web.response import Response
+
     class GatewayFlask(Flask):
         session_interface = NoSessions()
+        response_class = Response  # the responses Flask makes itself, as the views' own
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)

@@ -6,11 +6,12 @@ import logging
 import traceback
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from dtmf_service.jsontext import compact
 from dtmf_service.outcome import error_body
+from dtmf_service.web.response import Response
 
 log = logging.getLogger("dtmf_service")
 

@@ -13,9 +13,10 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 
-from flask import Response, g, request
+from flask import g, request
 
 from dtmf_service.web.errors import error_response
+from dtmf_service.web.response import Response
 
 _OPEN = frozenset({"dtmf.healthz", "dtmf.openapi"})
 _METRICS = frozenset({"dtmf.metrics", "dtmf.prometheus_metrics"})

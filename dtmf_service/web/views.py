@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from dtmf_service.deadlines import request_read_done
@@ -18,6 +18,7 @@ from dtmf_service.outcome import Facts, Outcome, RequestContext
 from dtmf_service.parse import internal_error, invalid
 from dtmf_service.web.body import BadRequest, BodyIncomplete, UnsupportedMediaType, read_body
 from dtmf_service.web.errors import error_response, json_response
+from dtmf_service.web.response import Response
 from dtmf_service.web.security import authenticate
 
 if TYPE_CHECKING:
