@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +19,7 @@ from marshmallow import ValidationError
 from dtmf_service.audit.trail import AuditTrail
 from dtmf_service.cxone.client import CXoneClient, Result, Submission
 from dtmf_service.idempotency import Idempotency, valid_key
+from dtmf_service.ids import uuid4
 from dtmf_service.outcome import Facts, Intent, Outcome, RequestContext, error_body
 from dtmf_service.web.body import BadRequest, parse_object
 from dtmf_service.web.errors import log_exception
@@ -46,7 +46,7 @@ class ParseService:
 
     def handle_parse(self, raw: bytes, ctx: RequestContext) -> Outcome:
         """The outcome of one request whose body was read in full; never raises."""
-        event_id = str(uuid.uuid4())
+        event_id = uuid4()
         facts = Facts(event_id)
         try:
             key = ctx.idempotency_key

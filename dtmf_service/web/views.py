@@ -6,7 +6,6 @@ count and audit the outcome, render it.
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, current_app, g, request
@@ -14,6 +13,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from dtmf_service.deadlines import request_read_done
 from dtmf_service.hookspecs import RenderingExporter
+from dtmf_service.ids import uuid4
 from dtmf_service.outcome import Facts, Outcome, RequestContext
 from dtmf_service.parse import internal_error, invalid
 from dtmf_service.web.body import BadRequest, BodyIncomplete, UnsupportedMediaType, read_body
@@ -76,7 +76,7 @@ def _handle(c: Components, ctx: RequestContext, environ: dict[str, Any]) -> Outc
 
 
 def _no_facts() -> Facts:
-    return Facts(event_id=str(uuid.uuid4()))
+    return Facts(event_id=uuid4())
 
 
 def render(outcome: Outcome) -> Response:
