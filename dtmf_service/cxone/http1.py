@@ -151,6 +151,9 @@ def _header_block(fp: BinaryIO) -> Headers:
             return Headers(items)
         if len(items) >= _MAXHEADERS:
             raise http.client.HTTPException(f"got more than {_MAXHEADERS} headers")
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if b"\r" in line:
+            raise http.client.HTTPException("a bare CR in a header line")  # RFC 9112, section 2.2
         if line[:1] in (b" ", b"\t"):
             if not items:
                 raise http.client.HTTPException("malformed header line")

@@ -69,8 +69,29 @@ def test_a_target_with_a_control_character_or_space_is_refused():
         request_bytes("POST", "/a b", b"Host: h\r\n", b"{}", {})
 
 
+class _Trickle(io.RawIOBase):
+    """A stream that gives one byte per read, as a peer sending byte by byte."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self._data:
+            return 0
+        buffer[0:1], self._data = self._data[:1], self._data[1:]
+        return 1
+
+
 def _read(raw: bytes, method: str = "POST") -> tuple[int, Headers, bytes, bool]:
-    return read_answer(io.BytesIO(raw), method)
+    """The answer read from a buffer holding all of it and from a stream giving a byte at a time:
+    both readings must agree."""
+    at_once = read_answer(io.BufferedReader(io.BytesIO(raw)), method)
+    by_lines = read_answer(io.BufferedReader(_Trickle(raw)), method)
+    assert (at_once[0], at_once[1].items(), at_once[2:]) == (by_lines[0], by_lines[1].items(), by_lines[2:])
+    return at_once
 
 
 def test_content_length_framing_and_headers():
@@ -106,6 +127,11 @@ def test_connection_rules_as_http_client():
     assert _read(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", method="HEAD")[2] == b""
 
 
+def test_lines_may_end_in_lf_alone():
+    status, headers, body, _ = _read(b"HTTP/1.1 200 OK\nX: a\nY: b\r\nContent-Length: 2\n\n{}")
+    assert (status, headers.items(), body) == (200, [("X", "a"), ("Y", "b"), ("Content-Length", "2")], b"{}")
+
+
 def test_an_obsolete_folded_header_is_joined_with_a_space():
     raw = b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nX-Long: a\r\n  b\r\nContent-Length: 0\r\n\r\n"
     assert _read(raw)[1].get("x-long") == "a b"
@@ -135,8 +161,11 @@ def test_an_obsolete_folded_header_is_joined_with_a_space():
         b"HTTP/1.1 200 OK\r\n continued first\r\n\r\n",
         b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 101 + b"\r\n",
         b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 0\r\n\r\n",  # a bare CR inside a header line
     ],
 )
 def test_a_partial_or_malformed_answer_is_an_error(raw):
     with pytest.raises(http.client.HTTPException):
-        _read(raw)
+        read_answer(io.BufferedReader(io.BytesIO(raw)), "POST")
+    with pytest.raises(http.client.HTTPException):
+        read_answer(io.BufferedReader(_Trickle(raw)), "POST")
