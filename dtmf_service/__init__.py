@@ -7,16 +7,21 @@ Plugin authors: ``from dtmf_service import hookimpl`` (the whole plugin API is i
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import sys
 import time
+import types
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dtmf_service.audit.event import event_json
 from dtmf_service.config import ConfigError
 from dtmf_service.hookspecs import DeliveryIncomplete, DeliveryRejected, hookimpl
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 __version__ = "0.1.0"
 __all__ = [
@@ -37,7 +42,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, operator: bool | No
 
     ``operator`` (default: loaded by ``flask ... dtmf ...``): for the operator CLI, which serves no
     request and creates nothing; only the configuration is checked (wiring.build_operator)."""
-    from flask import Flask, g, request
+    from flask import g, request
 
     from dtmf_service import config as cfg
     from dtmf_service.cli import register as register_cli
@@ -49,7 +54,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, operator: bool | No
     from dtmf_service.wiring import build, build_operator
     from dtmf_service.wiring.lifecycle import delivery_in_process
 
-    app = Flask(__name__)
+    app = _gateway_flask()(__name__)
     if test_config is None:
         cfg.load_sources(app.config)
     else:
@@ -81,15 +86,18 @@ def create_app(test_config: Mapping[str, Any] | None = None, operator: bool | No
 
     @app.before_request
     def _request_id() -> Any:
-        g.started = time.perf_counter()
-        if request.method != "POST":
+        # One lookup of each context proxy (each attribute through a proxy is a lookup of its own);
+        # the headers straight from the environ, as werkzeug's EnvironHeaders reads them.
+        state, environ = g._get_current_object(), request.environ
+        state.started = time.perf_counter()
+        if environ.get("REQUEST_METHOD", "GET").upper() != "POST":
             request_read_done()  # nothing more to read: disarm the slow-client alarm at once
-        if "//" in _raw_path(request.environ):
+        if "//" in _raw_path(environ):
             # gunicorn turns "//api/dtmf/parse" into "/api/dtmf/parse" before routing: judge what was sent.
             return error_response(404, "invalid_request", "no such endpoint")
-        g.request_id = request_id(request.headers.get("X-Request-ID"))  # nginx's rule too
-        g.trace_id, g.trace_flags = trace_from_header(request.headers.get("traceparent"))
-        request.environ["dtmf.trace_id"] = g.trace_id  # for the access log
+        state.request_id = request_id(environ.get("HTTP_X_REQUEST_ID"))  # nginx's rule too
+        state.trace_id, state.trace_flags = trace_from_header(environ.get("HTTP_TRACEPARENT"))
+        environ["dtmf.trace_id"] = state.trace_id  # for the access log
 
     @app.after_request
     def _echo_request_id(response: Any) -> Any:
@@ -108,6 +116,47 @@ def create_app(test_config: Mapping[str, Any] | None = None, operator: bool | No
         )
     atexit.register(components.close, 5.0)
     return app
+
+
+@functools.cache
+def _gateway_flask() -> type[Flask]:
+    """Flask, less the costs a service without async views, sessions or streamed bodies pays per request."""
+    from flask import Flask
+    from flask.sessions import NullSession, SessionInterface
+
+    class NoSessions(SessionInterface):
+        """No session is ever read or written (no cookie): every request shares one null session,
+        which refuses any change, instead of building one each."""
+
+        _null = NullSession()
+
+        def open_session(self, app: Any, request: Any) -> Any:
+            return self._null
+
+        def save_session(self, app: Any, session: Any, response: Any) -> None:
+            pass
+
+    from dtmf_service.web.response import Response
+
+    class GatewayFlask(Flask):
+        session_interface = NoSessions()
+        response_class = Response  # the responses Flask makes itself, as the views' own
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._plain: set[Any] = set()
+
+        def ensure_sync(self, func: Any) -> Any:
+            # Flask asks for every hook and view of every request whether it is a coroutine function
+            # (inspect's flag checks): asked once per plain function here; anything else as Flask does.
+            if func in self._plain:
+                return func
+            wrapped = super().ensure_sync(func)
+            if wrapped is func and isinstance(func, types.FunctionType):
+                self._plain.add(func)
+            return wrapped
+
+    return GatewayFlask
 
 
 def _operator_command() -> bool:

@@ -7,10 +7,11 @@ and the metrics need. None of them needs Flask.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from dtmf_service.jsontext import compact
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Outcome:
 
     def body_json(self) -> str:
         """The body exactly as sent."""
-        return json.dumps(dict(self.body), separators=(",", ":"))
+        return compact(dict(self.body))
 
 
 def error_body(kind: str, error: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -20,10 +19,11 @@ from marshmallow import ValidationError
 from dtmf_service.audit.trail import AuditTrail
 from dtmf_service.cxone.client import CXoneClient, Result, Submission
 from dtmf_service.idempotency import Idempotency, valid_key
-from dtmf_service.outcome import Facts, Outcome, RequestContext, error_body
+from dtmf_service.ids import uuid4
+from dtmf_service.outcome import Facts, Intent, Outcome, RequestContext, error_body
 from dtmf_service.web.body import BadRequest, parse_object
 from dtmf_service.web.errors import log_exception
-from dtmf_service.web.schemas import DTMFRequestSchema, summarise
+from dtmf_service.web.schemas import DTMFRequestSchema, load_request, summarise
 from dtmf_service.web.tracing import child_traceparent
 
 log = logging.getLogger("dtmf_service")
@@ -46,7 +46,8 @@ class ParseService:
 
     def handle_parse(self, raw: bytes, ctx: RequestContext) -> Outcome:
         """The outcome of one request whose body was read in full; never raises."""
-        facts = Facts(event_id=str(uuid.uuid4()))
+        event_id = uuid4()
+        facts = Facts(event_id)
         try:
             key = ctx.idempotency_key
             if key is not None and not valid_key(key):
@@ -55,14 +56,15 @@ class ParseService:
                 sent = parse_object(raw)
             except BadRequest as exc:
                 return invalid(400, str(exc), facts, ctx)
-            facts = replace(facts, sent=sent)
+            facts = Facts(event_id, sent)
             try:
-                facts = replace(facts, valid=self._schema.load(sent))
+                valid = load_request(self._schema, sent)
             except ValidationError as exc:
                 errors = _flatten(exc.messages)
-                facts = replace(facts, invalid_fields=frozenset(errors))
+                facts = Facts(event_id, sent, invalid_fields=frozenset(errors))
                 body = error_body("validation_failed", summarise(errors), errors=errors)
                 return Outcome(400, body, facts, latency_ms=elapsed_ms(ctx))
+            facts = Facts(event_id, sent, valid)
             if key is None:
                 return self._submit(facts, ctx)
             # Validation failures above are never stored; only requests that reach CXone claim the key.
@@ -89,7 +91,7 @@ class ParseService:
             submission = self.client.submit(
                 valid["interaction_id"], valid["digits"], valid["timeout_ms"], facts.event_id, trace
             )
-            outcome = answer(submission, facts, ctx)
+            outcome = answer(submission, facts, ctx, intent)
         except Exception as exc:  # noqa: BLE001 - as above, and the placeholder is still settled
             return replace(internal_error(exc, facts, ctx), intent=intent)
         if outcome.http_status != 200:
@@ -103,11 +105,12 @@ class ParseService:
                 submission.attempts,
                 outcome.body.get("error"),
             )
-        return replace(outcome, intent=intent)
+        return outcome
 
 
-def answer(submission: Submission, facts: Facts, ctx: RequestContext) -> Outcome:
-    """What the caller is told about a submission (CONTRACT.md section 2's table)."""
+def answer(submission: Submission, facts: Facts, ctx: RequestContext, intent: Intent | None = None) -> Outcome:
+    """What the caller is told about a submission (CONTRACT.md section 2's table); ``intent``, the
+    audit placeholder the outcome settles."""
     valid = facts.valid
     assert valid is not None
     cxone_status, text, result = submission.cxone_status, submission.cxone_response, submission.result
@@ -122,7 +125,9 @@ def answer(submission: Submission, facts: Facts, ctx: RequestContext) -> Outcome
             "attempts": submission.attempts,
             "latency_ms": latency_ms,
         }
-        return Outcome(200, body, facts, latency_ms=latency_ms, cxone_status=cxone_status, cxone_response=text)
+        return Outcome(
+            200, body, facts, latency_ms=latency_ms, cxone_status=cxone_status, cxone_response=text, intent=intent
+        )
     if result is Result.UNKNOWN:
         http, body = 504, error_body("submission_unknown", _UNKNOWN, cxone_status=None)
     elif result is Result.NOT_FOUND:
@@ -140,7 +145,14 @@ def answer(submission: Submission, facts: Facts, ctx: RequestContext) -> Outcome
         error = f"CXone answered {cxone_status}"
         http, body = 502, error_body("submission_failed", error, cxone_status=cxone_status)
     return Outcome(
-        http, body, facts, headers, latency_ms=elapsed_ms(ctx), cxone_status=body["cxone_status"], cxone_response=text
+        http,
+        body,
+        facts,
+        headers,
+        latency_ms=elapsed_ms(ctx),
+        cxone_status=body["cxone_status"],
+        cxone_response=text,
+        intent=intent,
     )
 
 

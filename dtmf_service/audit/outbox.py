@@ -78,9 +78,16 @@ class OutboxMissing(Exception):
 _ROUTE_KEY = b',"dtmf:sinks":'
 
 
-def routed(body: str, sinks: Sequence[str]) -> bytes:
-    """The journal payload of ``body`` (an event's compact JSON object) addressed to ``sinks``."""
-    return body[:-1].encode() + _ROUTE_KEY + json.dumps(list(sinks), separators=(",", ":")).encode() + b"}"
+def route_suffix(sinks: Sequence[str]) -> bytes:
+    """What ends every journal payload addressed to ``sinks`` (fixed for a process: made once)."""
+    return _ROUTE_KEY + json.dumps(list(sinks), separators=(",", ":")).encode() + b"}"
+
+
+def routed(body: str, sinks: Sequence[str] | bytes) -> bytes:
+    """The journal payload of ``body`` (an event's compact JSON object) addressed to ``sinks`` (or
+    ending in a ``route_suffix``)."""
+    suffix = sinks if isinstance(sinks, bytes) else route_suffix(sinks)
+    return body[:-1].encode() + suffix
 
 
 def unrouted(payload: bytes) -> tuple[str, tuple[str, ...] | None]:

@@ -30,7 +30,8 @@ from typing import Any
 
 from dtmf_service.audit.event import AuditEvent
 from dtmf_service.audit.journal import FINAL, INTENT, Journal, JournalFull, Ticket, recover_orphans, waiting_in
-from dtmf_service.audit.outbox import Claimed, OutboxMissing, SinkBacklog, routed, unrouted
+from dtmf_service.audit.outbox import Claimed, OutboxMissing, SinkBacklog, route_suffix, routed, unrouted
+from dtmf_service.jsontext import compact
 from dtmf_service.processes import pid_alive
 from dtmf_service.sqlite_wal import BUSY_PATIENCE_S, initialise, retry_busy
 
@@ -107,7 +108,7 @@ def _add_counters(db: sqlite3.Connection) -> None:
 
 
 def _dumps(event: Mapping[str, Any]) -> str:
-    return json.dumps(event, separators=(",", ":"))
+    return compact(event)
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -151,6 +152,7 @@ class SqliteOutbox:
         self.sinks = tuple(sinks)
         # Every event this process writes goes to these sinks, whoever else uses the file.
         self._route = json.dumps(list(self.sinks), separators=(",", ":"))
+        self._suffix = route_suffix(self.sinks)  # the journal payload's ending, the same for every event
         self.max_bytes = max_bytes
         self._wal_cap = min(max(max_bytes // 10, 64 * 1024), _WAL_CAP_MAX)
         self._reclaiming = False  # giving space back after a drain, a little each maintenance round
@@ -250,7 +252,7 @@ class SqliteOutbox:
             slot = None
         if slot is not None:
             try:
-                self._journal.write(slot, INTENT, routed(body, self.sinks))
+                self._journal.write(slot, INTENT, routed(body, self._suffix))
                 if self._fsync:
                     self._journal.sync()
                 return slot
@@ -268,7 +270,7 @@ class SqliteOutbox:
         try:
             if slot is None:
                 slot = self._journal.acquire()
-            self._journal.write(slot, FINAL, routed(row[2], self.sinks))
+            self._journal.write(slot, FINAL, routed(row[2], self._suffix))
         except JournalFull:
             if slot is not None:
                 self._journal.release(slot)

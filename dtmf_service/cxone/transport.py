@@ -10,9 +10,11 @@ Each call has one deadline for the whole exchange. A socket timeout bounds a sin
 ``recv`` only, so an answer trickled in a byte at a time would outlive it; the
 deadline watchdog cuts the socket when the time is up instead.
 
-Plain ``http.client`` connections in a small keep-alive pool: a fixed JSON POST needs
-none of requests' per-call machinery, and owning the connect step is what makes the
-"was anything written?" question answerable.
+``http.client`` connections in a small keep-alive pool open the connection (TCP, TLS with
+SNI and hostname checks); the exchange itself is this module's (``http1.py``): one write of
+the whole request, then a strict reading of the answer. http.client's own reading parses the
+header block with the ``email`` package, which was the largest single cost of a request.
+Owning the connect step is what makes the "was anything written?" question answerable.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import select
 import ssl
 import threading
 import time
-from http.client import HTTPMessage
+from collections.abc import Iterable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from dtmf_service.cxone.http1 import Headers, exchange, host_header
 from dtmf_service.deadlines import WATCHDOG, Watchdog
 
 # An idle keep-alive connection older than this is dropped rather than reused: servers close
@@ -41,16 +44,23 @@ class Unknown(Exception):
     """Writing began, and no whole answer came back: CXone may have acted on the request."""
 
 
+class AnswerHeaders(Protocol):
+    def get(self, name: str, default: None = None) -> str | None:
+        """The first value of ``name``, case-insensitive."""
+
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
 class Answer(Protocol):
     status: int
-    headers: HTTPMessage  # case-insensitive ``get``
+    headers: AnswerHeaders
     text: str
 
 
 class _Answer:
     __slots__ = ("status", "headers", "text")
 
-    def __init__(self, status: int, headers: HTTPMessage, text: str) -> None:
+    def __init__(self, status: int, headers: AnswerHeaders, text: str) -> None:
         self.status, self.headers, self.text = status, headers, text
 
 
@@ -67,37 +77,6 @@ def tls_context(ca_bundle: str | None = None) -> ssl.SSLContext:
     if ca_bundle:
         context.load_verify_locations(cafile=ca_bundle)
     return context
-
-
-class _WholeLines:
-    """The response stream, but a protocol line (status, header, chunk size) cut by end-of-file
-    is an error: http.client would take a header block cut short for a complete one."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-
-    def readline(self, limit: int = -1) -> bytes:
-        line = self._raw.readline(limit)
-        if not line.endswith(b"\n") and (limit < 0 or len(line) < limit):
-            raise http.client.IncompleteRead(line)
-        return line
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)
-
-
-class _StrictResponse(http.client.HTTPResponse):
-    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(sock, *args, **kwargs)
-        self.fp = _WholeLines(self.fp)  # type: ignore[assignment]
-
-
-class _HTTPConnection(http.client.HTTPConnection):
-    response_class = _StrictResponse
-
-
-class _HTTPSConnection(http.client.HTTPSConnection):
-    response_class = _StrictResponse
 
 
 class HttpTransport:
@@ -117,6 +96,7 @@ class HttpTransport:
         self._pool_size = pool_size
         self._watchdog = watchdog
         self._idle: dict[str, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._hosts: dict[str, bytes] = {}  # origin -> its Host header line
         self._lock = threading.Lock()
 
     def request(self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float) -> Answer:
@@ -136,20 +116,21 @@ class HttpTransport:
         sock = conn.sock
         assert sock is not None
         remaining = deadline - time.monotonic()
-        sock.settimeout(max(min(self._read_s, remaining), 0.001))
+        timeout = max(min(self._read_s, remaining), 0.001)
+        if sock.gettimeout() != timeout:
+            sock.settimeout(timeout)  # two fcntl calls each time: only when it changes (usually the read timeout)
         alarm = self._watchdog.arm(sock, remaining)
         try:
-            conn.request(method, target, body=body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
+            host = self._hosts.get(origin) or self._hosts.setdefault(origin, host_header(conn))
+            status, answer_headers, data, will_close = exchange(sock, method, target, host, body, headers)
         except Exception as exc:  # noqa: BLE001 - from the first byte on, any failure is "unknown"
             self._watchdog.cancel(alarm)
             conn.close()
             why = "the request's deadline passed" if alarm.fired else type(exc).__name__
             raise Unknown(f"no complete answer ({why})") from None
         intact = self._watchdog.cancel(alarm)
-        answer = _Answer(response.status, response.headers, data.decode("utf-8", "replace"))
-        if response.will_close or not intact:
+        answer = _Answer(status, answer_headers, data.decode("utf-8", "replace"))
+        if will_close or not intact:
             conn.close()
         else:
             self._checkin(origin, conn)
@@ -166,8 +147,8 @@ class HttpTransport:
                 conn.close()
         scheme, _, hostport = origin.partition("://")
         if scheme == "https":
-            return _HTTPSConnection(hostport, context=self._context)
-        return _HTTPConnection(hostport)
+            return http.client.HTTPSConnection(hostport, context=self._context)
+        return http.client.HTTPConnection(hostport)
 
     def _checkin(self, origin: str, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -221,10 +202,7 @@ class SimulatorTransport:
                 raise Unknown("no complete answer (the request's deadline passed)")
         if answer.drop:
             raise Unknown("no complete answer (connection dropped)")
-        headers_in = http.client.HTTPMessage()
-        headers_in["Content-Type"] = "application/json"
-        for name, value in answer.headers.items():
-            headers_in[name] = value
+        headers_in = Headers([("Content-Type", "application/json"), *answer.headers.items()])
         return _Answer(answer.status, headers_in, answer.payload().decode("utf-8", "replace"))
 
     def close(self) -> None:

@@ -30,12 +30,12 @@ import random
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from dtmf_service.config import ConfigError, request_lease_s
 from dtmf_service.idempotency.stores import UNKNOWN_STATUS, RedisStore, Store, Stored, open_store
+from dtmf_service.ids import hex_id
 from dtmf_service.outcome import Facts, Outcome, error_body
 
 log = logging.getLogger("dtmf_service")
@@ -101,7 +101,7 @@ class Idempotency:
         """
         store_key = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
         fingerprint = hmac.new(self._hash_key, raw_body, hashlib.sha256).hexdigest()
-        owner = uuid.uuid4().hex
+        owner = hex_id(16)
         if self._maintenance is not None:
             self._maintenance.ensure_running()
         try:

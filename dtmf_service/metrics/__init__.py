@@ -67,6 +67,17 @@ class Metrics:
         self.counters.declare([f"cxone_attempts.{r}" for r in ATTEMPT_RESULTS])
         self.counters.declare([f"cxone_token_fetches.{r}" for r in TOKEN_FETCH_RESULTS])
         self.counters.declare(ERROR_COUNTERS)
+        # Each status's counter names, made once: a request's count is then one lookup and one write.
+        self._names = {
+            status: (
+                category,
+                f"requests.{status}",
+                f"duration.{status}.sum",
+                tuple(f"duration.{status}.{i}" for i in range(len(DURATION_BUCKETS_S) + 1)),
+            )
+            for status, category in CATEGORY.items()
+        }
+        self._attempts = {r: f"cxone_attempts.{r}" for r in ATTEMPT_RESULTS}
         self._sinks: list[str] = []
         self._outbox: BacklogSource | None = None
 
@@ -74,15 +85,15 @@ class Metrics:
     def count_request(self, outcome: Outcome) -> None:
         """One counted request: in exactly one section 4 category (average latency over successes
         only), and by status with its duration (section 11)."""
-        status = outcome.status
-        category = outcome_category(status)
-        if category is None:
+        names = self._names.get(outcome.status)
+        if names is None:
             return
-        amounts = {category: 1.0, f"requests.{status}": 1.0}
+        category, requests, duration_sum, buckets = names
+        amounts = {category: 1.0, requests: 1.0}
         if outcome.latency_ms is not None:
             seconds = outcome.latency_ms / 1000.0
-            amounts[f"duration.{status}.{bisect.bisect_left(DURATION_BUCKETS_S, seconds)}"] = 1.0
-            amounts[f"duration.{status}.sum"] = seconds
+            amounts[buckets[bisect.bisect_left(DURATION_BUCKETS_S, seconds)]] = 1.0
+            amounts[duration_sum] = seconds
             if category == "successful_parses":
                 amounts["latency_ms_sum"] = outcome.latency_ms
         self.counters.add_many(amounts)
@@ -92,7 +103,7 @@ class Metrics:
         self.counters.inc("auth_failures")
 
     def cxone_attempt(self, result: str) -> None:
-        self.counters.inc(f"cxone_attempts.{result}")
+        self.counters.inc(self._attempts.get(result) or f"cxone_attempts.{result}")
 
     def token_fetch(self, result: str) -> None:
         self.counters.inc(f"cxone_token_fetches.{result}")

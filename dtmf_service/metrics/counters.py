@@ -72,10 +72,14 @@ class SharedCounters:
     def add_many(self, amounts: dict[str, float]) -> None:
         """Several increments under one lock (one request's worth)."""
         with self._lock:
+            if self._pid != os.getpid():
+                self._open()
+            slots, mapped = self._slots, self._map
             for name, amount in amounts.items():
-                offset = self._offset(name)
-                (value,) = _SLOT.unpack_from(self._map, offset)  # type: ignore[arg-type]
-                _SLOT.pack_into(self._map, offset, value + amount)  # type: ignore[arg-type]
+                slot = slots.get(name)
+                offset = _HEADER + (slot if slot is not None else self._add_slot(name)) * _SLOT.size
+                (value,) = _SLOT.unpack_from(mapped, offset)  # type: ignore[arg-type]
+                _SLOT.pack_into(mapped, offset, value + amount)  # type: ignore[arg-type]
 
     def set(self, name: str, value: float) -> None:
         with self._lock:

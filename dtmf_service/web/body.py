@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 from gunicorn.http.errors import NoMoreData, ParseException
@@ -31,6 +32,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         # Two parsers could disagree on which value wins: refuse instead of guessing.
         raise ValueError("duplicate key in JSON object")
     return result
+
+
+_local = threading.local()
+
+
+def _decoder() -> json.JSONDecoder:
+    """This thread's strict decoder. json.loads with hooks builds a decoder and its scanner per call;
+    one per thread keeps a scanner's key memo to the thread that parses."""
+    decoder: json.JSONDecoder | None = getattr(_local, "decoder", None)
+    if decoder is None:
+        decoder = _local.decoder = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    return decoder
 
 
 def read_body(environ: dict[str, Any], max_body: int) -> bytes:
@@ -86,7 +99,7 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise BadRequest("body is not valid UTF-8") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        data = _decoder().decode(text)  # json.loads(text, parse_constant=..., object_pairs_hook=...)
     except RecursionError:
         raise BadRequest("body is not valid JSON: nested too deeply") from None
     except ValueError as exc:

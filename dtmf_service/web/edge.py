@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
 from werkzeug.middleware.proxy_fix import ProxyFix
+
+from dtmf_service.ids import hex_id
 
 # The same rule as deploy/nginx.conf's: nginx's log and the audit event then share the id.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -25,7 +26,7 @@ def request_id(supplied: str | None) -> str:
     """The caller's X-Request-ID when it matches ``^[A-Za-z0-9._:-]{1,128}$``, else a new one."""
     if supplied and _REQUEST_ID.fullmatch(supplied):
         return supplied
-    return uuid.uuid4().hex
+    return hex_id(16)  # as uuid4().hex: 32 hex digits
 
 
 class TrustedProxies:

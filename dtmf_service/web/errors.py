@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import traceback
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from dtmf_service.jsontext import compact
 from dtmf_service.outcome import error_body
+from dtmf_service.web.response import Response
 
 log = logging.getLogger("dtmf_service")
 
@@ -30,7 +31,7 @@ def log_exception(logger: logging.Logger, what: str, exc: BaseException) -> None
 
 def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response with an exact body."""
-    response = Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
+    response = Response(compact(body), status=status, mimetype="application/json")
     if headers:
         response.headers.update(headers)
     return response

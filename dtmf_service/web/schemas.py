@@ -94,6 +94,61 @@ class DTMFRequestSchema(Schema):
     )
 
 
+_REQUIRED = ("interaction_id", "digits", "timeout_ms", "sequence_matrix_key")
+_OPTIONAL = "node_transition_flag"
+
+
+def load_request(schema: DTMFRequestSchema, sent: dict[str, Any]) -> dict[str, Any]:
+    """``schema.load(sent)``, with a shortcut for a request that is plainly valid.
+
+    marshmallow's load walks five fields through several layers of calls each (7% of a request's
+    CPU). A body whose fields are all present, of their exact JSON types and within their rules is
+    checked here with the schema's own patterns and bounds, and gives the dict ``load`` gives (the
+    fields in the schema's order, ``node_transition_flag`` defaulted). Anything else, valid or not
+    (an unknown or missing field, a wrong type, ``5000.0``), goes through ``schema.load``, which
+    says what is wrong in its own words.
+    """
+    fields = schema.fields
+    if len(sent) == 4:
+        flag: Any = False
+    elif len(sent) == 5:
+        flag = sent.get(_OPTIONAL)
+        if flag is not True and flag is not False:
+            return schema.load(sent)
+    else:
+        return schema.load(sent)
+    values = [sent.get(name) for name in _REQUIRED]
+    interaction_id, digits, timeout_ms, sequence_key = values
+    if (
+        type(interaction_id) is str
+        and type(digits) is str
+        and type(timeout_ms) is int  # not bool, not float: marshmallow's cases
+        and type(sequence_key) is str
+        and _passes(fields["interaction_id"], interaction_id)
+        and _passes(fields["digits"], digits)
+        and _passes(fields["timeout_ms"], timeout_ms)
+        and _passes(fields["sequence_matrix_key"], sequence_key)
+    ):
+        return {
+            "interaction_id": interaction_id,
+            "digits": digits,
+            "timeout_ms": timeout_ms,
+            "sequence_matrix_key": sequence_key,
+            _OPTIONAL: flag,
+        }
+    return schema.load(sent)
+
+
+def _passes(field: fields.Field, value: Any) -> bool:
+    """Whether every validator of ``field`` accepts ``value``."""
+    try:
+        for validator in field.validators:
+            validator(value)
+    except ValidationError:
+        return False
+    return True
+
+
 class SubmittedSchema(Schema):
     status = fields.String(required=True, metadata={"enum": ["dtmf_submitted"]})
     interaction_id = fields.String(required=True)

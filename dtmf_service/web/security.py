@@ -13,9 +13,10 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 
-from flask import Response, g, request
+from flask import g, request
 
 from dtmf_service.web.errors import error_response
+from dtmf_service.web.response import Response
 
 _OPEN = frozenset({"dtmf.healthz", "dtmf.openapi"})
 _METRICS = frozenset({"dtmf.metrics", "dtmf.prometheus_metrics"})
@@ -52,15 +53,20 @@ def authenticate(
 
     Every endpoint needs a key but /healthz, the OpenAPI document and, when METRICS_PUBLIC is
     set, the two metrics endpoints. Each refusal is counted (``on_failure``): never per key."""
-    g.caller = ""
-    if not authenticator.enabled or request.endpoint in _OPEN or (metrics_public and request.endpoint in _METRICS):
+    state = g._get_current_object()  # one proxy lookup, not one per use
+    state.caller = ""
+    if not authenticator.enabled:
         return None
-    caller = authenticator.caller(request.headers.get("Authorization", ""))
+    current = request._get_current_object()  # type: ignore[attr-defined]
+    endpoint = current.endpoint
+    if endpoint in _OPEN or (metrics_public and endpoint in _METRICS):
+        return None
+    caller = authenticator.caller(current.environ.get("HTTP_AUTHORIZATION", ""))  # the Authorization header
     if caller is None:
         if on_failure is not None:
             on_failure()
         return unauthorized()
-    g.caller = caller
+    state.caller = caller
     return None
 
 

@@ -9,7 +9,8 @@ span in the same trace. No tracing SDK is needed for that.
 from __future__ import annotations
 
 import re
-import secrets
+
+from dtmf_service.ids import hex_id
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
@@ -22,9 +23,9 @@ def trace_from_header(header: str | None) -> tuple[str, str]:
         # Version ff is invalid; all-zero ids are invalid (W3C Trace Context, section 3.2).
         if version != "ff" and trace_id != "0" * 32 and parent_id != "0" * 16:
             return trace_id, flags
-    return secrets.token_hex(16), "01"
+    return hex_id(16), "01"
 
 
 def child_traceparent(trace_id: str, flags: str = "01") -> str:
     """A traceparent for a call this service makes: same trace, a new span id."""
-    return f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"
+    return f"00-{trace_id}-{hex_id(8)}-{flags}"

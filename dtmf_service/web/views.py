@@ -6,18 +6,19 @@ count and audit the outcome, render it.
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from dtmf_service.deadlines import request_read_done
 from dtmf_service.hookspecs import RenderingExporter
+from dtmf_service.ids import uuid4
 from dtmf_service.outcome import Facts, Outcome, RequestContext
 from dtmf_service.parse import internal_error, invalid
 from dtmf_service.web.body import BadRequest, BodyIncomplete, UnsupportedMediaType, read_body
 from dtmf_service.web.errors import error_response, json_response
+from dtmf_service.web.response import Response
 from dtmf_service.web.security import authenticate
 
 if TYPE_CHECKING:
@@ -39,25 +40,26 @@ def _authenticate() -> Response | None:
 @bp.post("/api/dtmf/parse")
 def parse() -> Response:
     c = components()
+    state, environ = g._get_current_object(), request.environ
     ctx = RequestContext(
-        request_id=g.request_id,
-        trace_id=g.trace_id,
-        trace_flags=g.trace_flags,
-        caller=g.caller,
-        client_ip=request.remote_addr,
-        started=g.started,
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        request_id=state.request_id,
+        trace_id=state.trace_id,
+        trace_flags=state.trace_flags,
+        caller=state.caller,
+        client_ip=environ.get("REMOTE_ADDR"),  # werkzeug's remote_addr
+        started=state.started,
+        idempotency_key=environ.get("HTTP_IDEMPOTENCY_KEY"),
     )
-    outcome = _handle(c, ctx)
+    outcome = _handle(c, ctx, environ)
     if outcome.counted:
         c.metrics.count_request(outcome)
         c.trail.record(outcome, ctx)
     return render(outcome)
 
 
-def _handle(c: Components, ctx: RequestContext) -> Outcome:
+def _handle(c: Components, ctx: RequestContext, environ: dict[str, Any]) -> Outcome:
     try:
-        raw = read_body(request.environ, c.max_body)
+        raw = read_body(environ, c.max_body)
     except RequestEntityTooLarge:
         return invalid(413, f"request body larger than {c.max_body} bytes", _no_facts(), ctx)
     except UnsupportedMediaType:
@@ -74,12 +76,13 @@ def _handle(c: Components, ctx: RequestContext) -> Outcome:
 
 
 def _no_facts() -> Facts:
-    return Facts(event_id=str(uuid.uuid4()))
+    return Facts(event_id=uuid4())
 
 
 def render(outcome: Outcome) -> Response:
-    response = Response(outcome.body_json(), status=outcome.http_status, mimetype="application/json")
-    response.headers.update(dict(outcome.headers))
+    response = Response(outcome.body_json(), status=outcome.http_status, content_type="application/json")
+    if outcome.headers:
+        response.headers.update(dict(outcome.headers))
     return response
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
 from dtmf_service.cxone.dialects.common import request_token
 from dtmf_service.cxone.transport import Transport
+from dtmf_service.jsontext import compact
 
 
 class TutorialDialect:
@@ -33,7 +33,7 @@ class TutorialDialect:
         self, interaction_id: str, digits: str, timeout_ms: int, correlation_id: str, timeout_s: float
     ) -> tuple[str, bytes, dict[str, str]]:
         url = f"{self._base_url}/interactions/{quote(interaction_id, safe='')}/dtmf"
-        body = json.dumps({"digits": digits, "timeout": timeout_ms}, separators=(",", ":")).encode()
+        body = compact({"digits": digits, "timeout": timeout_ms}).encode()
         return url, body, {}
 
     def retry_budget_s(self, timeout_ms: int) -> float:
