@@ -227,7 +227,8 @@ def process_pids(directory: str) -> list[int]:
 
 def wipe(directory: str) -> None:
     """Remove every process file: a new master starts from zero."""
-    for path in [*glob.glob(os.path.join(directory, "counters-*.bin")), os.path.join(directory, _ARCHIVE)]:
+    marks = [os.path.join(directory, "ready")]  # wiring/serve.py's mark for systemd, of an earlier master
+    for path in [*glob.glob(os.path.join(directory, "counters-*.bin")), os.path.join(directory, _ARCHIVE), *marks]:
         try:
             os.unlink(path)
         except FileNotFoundError:

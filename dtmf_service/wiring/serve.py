@@ -121,8 +121,8 @@ def run_granian(bind: str, workers: int, threads: int) -> int:
     server.on_shutdown(lifecycle.stopping)
     if os.environ.get("NOTIFY_SOCKET"):
         # The unit is Type=notify (gunicorn tells systemd itself); granian does not: say READY=1
-        # once a worker answers.
-        threading.Thread(target=_notify_when_serving, args=(bind,), daemon=True).start()
+        # once a worker has loaded the app.
+        threading.Thread(target=_notify_when_serving, daemon=True).start()
     server.serve()
     return 0
 
@@ -189,25 +189,26 @@ def guard_granian_worker() -> None:
     threading.Thread(target=watch, name="dtmf-granian-guard", daemon=True).start()
 
 
-def _notify_when_serving(bind: str, timeout_s: float = 60.0) -> None:
+READY_MARK = "ready"  # in DTMF_METRICS_DIR: a granian worker has loaded the app (wsgi.py)
+
+
+def mark_worker_ready() -> None:
+    """A granian worker has the app loaded: the master may tell systemd (its own probe of the port
+    could land on a listening socket no worker accepts from)."""
+    directory = os.environ.get("DTMF_METRICS_DIR")
+    if directory and os.environ.get("NOTIFY_SOCKET"):
+        with open(os.path.join(directory, READY_MARK), "w", encoding="ascii") as mark:
+            mark.write(str(os.getpid()))
+
+
+def _notify_when_serving(timeout_s: float = 120.0) -> None:
+    mark = os.path.join(os.environ.get("DTMF_METRICS_DIR", ""), READY_MARK)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            if bind.startswith("unix:"):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.connect(bind[len("unix:") :])
-            else:
-                host, _, port = bind.rpartition(":")
-                sock = socket.create_connection((host.strip("[]"), int(port)), timeout=2)
-            with sock:
-                sock.settimeout(2)
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                if sock.recv(64).startswith(b"HTTP/1.1 200"):
-                    sd_notify(f"READY=1\nMAINPID={os.getpid()}")
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
+        if os.path.exists(mark):
+            sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+            return
+        time.sleep(0.1)
 
 
 def sd_notify(message: str) -> None:

@@ -19,7 +19,7 @@ from dtmf_service import create_app
 from dtmf_service.accesslog import JsonAccessLog
 from dtmf_service.config import ConfigError
 from dtmf_service.wiring.lifecycle import FLUSH_S, under_lifecycle
-from dtmf_service.wiring.serve import guard_granian_worker
+from dtmf_service.wiring.serve import guard_granian_worker, mark_worker_ready
 
 MISSING = (
     "dtmf-gateway: refusing to serve: this server ran none of the gateway's lifecycle "
@@ -55,6 +55,7 @@ if multiprocessing.parent_process() is not None:
     _target = os.environ.get("DTMF_ACCESS_LOG", "-")
     if _target != "off":
         app.wsgi_app = JsonAccessLog(app.wsgi_app, _target)
+    mark_worker_ready()  # for systemd's READY=1, said by the master
     # granian copies the whole process environment into every request's WSGI environ: the
     # configuration has been read, so none of it (secrets included) rides along with requests.
     for _name in [name for name in os.environ if name.startswith("DTMF_")]:
