@@ -29,7 +29,7 @@ from typing import Any
 
 import requests
 
-from tests.helpers import BIN, ROOT, free_port
+from tests.helpers import BIN, ROOT, all_descendants, free_port
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -153,20 +153,7 @@ class Server:
     def pids(self) -> list[int]:
         """The server and every process under it, from /proc (no procps needed): gunicorn's master and
         workers, granian's workers (and anything a later version spawns below them)."""
-        found, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            found.append(pid)
-            try:
-                tasks = os.listdir(f"/proc/{pid}/task")
-            except OSError:
-                continue
-            for task in tasks:
-                try:
-                    todo.extend(int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split())
-                except OSError:
-                    continue
-        return found
+        return [self.proc.pid, *all_descendants(self.proc.pid)]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -243,10 +243,11 @@ class DeliverySupervisor:
         if old is not None:
             threading.Thread(target=self._retire, args=(old,), daemon=True).start()
 
-    def _retire(self, proc: subprocess.Popen[bytes]) -> None:
+    def _retire(self, proc: subprocess.Popen[bytes], timeout_s: float = FLUSH_S) -> None:
+        """SIGTERM (the process hands its batches over), SIGKILL after ``timeout_s`` and 5 s more."""
         proc.terminate()
         try:
-            proc.wait(FLUSH_S + 5)
+            proc.wait(timeout_s + 5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -279,12 +280,5 @@ class DeliverySupervisor:
             self._thread.join(2)
         with self._lock:
             proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s + 5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        self._fold(proc.pid)
+        if proc is not None:
+            self._retire(proc, timeout_s)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dtmf_service import _configure_logging
 from dtmf_service.wiring.lifecycle import LifecycleError, master_lifecycle, request_timeout_s
 
 SERVERS = ("gunicorn", "granian")
@@ -86,12 +87,8 @@ def run_granian(bind: str, workers: int, threads: int) -> int:
     except ValueError as exc:
         print(f"dtmf-gateway serve: {exc}", file=sys.stderr)
         return 2
+    _configure_logging("INFO")  # the app's own log format, for the master's lines too
     log = logging.getLogger("dtmf_service")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
     lifecycle = master_lifecycle(log)
     try:
         lifecycle.starting()  # before granian binds or forks anything
